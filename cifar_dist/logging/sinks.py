@@ -1,0 +1,96 @@
+"""Logging sinks: log(metrics, step) and close(). Only rank 0 builds real sinks (nanoGPT/torchtitan).
+
+Records whose keys all start with "step/" are per-step (loss, lr, grad norm); the others are
+per-epoch. The JSONL sink writes them to steps.jsonl and metrics.jsonl respectively.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+class Sink:
+    def log(self, metrics: dict[str, Any], step: int) -> None:  # noqa: B027 - no-op default
+        pass
+
+    def summary(self, metrics: dict[str, Any]) -> None:  # noqa: B027
+        pass
+
+    def close(self) -> None:  # noqa: B027
+        pass
+
+
+NullSink = Sink
+
+
+def is_step_record(metrics: dict[str, Any]) -> bool:
+    return all(k.startswith("step/") for k in metrics)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+class ConsoleSink(Sink):
+    """Epoch lines on the console; tqdm.write keeps the progress bar intact."""
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if is_step_record(metrics):
+            return
+        tqdm.write(" ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        tqdm.write("final: " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+
+
+class JsonlSink(Sink):
+    def __init__(self, run_dir: Path) -> None:
+        self._epochs = (run_dir / "metrics.jsonl").open("a")
+        self._steps = (run_dir / "steps.jsonl").open("a")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        f = self._steps if is_step_record(metrics) else self._epochs
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+        f.flush()
+
+    def close(self) -> None:
+        self._epochs.close()
+        self._steps.close()
+
+
+class MultiSink(Sink):
+    def __init__(self, sinks: list[Sink]) -> None:
+        self.sinks = sinks
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for s in self.sinks:
+            s.log(metrics, step)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        for s in self.sinks:
+            s.summary(metrics)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()
+
+
+def build_sinks(cfg: Any, run_dir: Path, is_main: bool, config_dict: dict[str, Any]) -> Sink:
+    """Console + JSONL (+ W&B when enabled and installed) on rank 0; a no-op sink elsewhere."""
+    if not is_main:
+        return NullSink()
+    sinks: list[Sink] = [ConsoleSink(), JsonlSink(run_dir)]
+    if cfg.log.wandb.mode != "disabled":
+        from cifar_dist.logging.wandb_sink import make_wandb_sink
+
+        wb = make_wandb_sink(cfg, run_dir, config_dict)
+        if wb is not None:
+            sinks.append(wb)
+    return MultiSink(sinks)

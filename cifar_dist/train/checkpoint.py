@@ -1,0 +1,81 @@
+"""Atomic checkpoints (temp file + fsync + rename), loaded with weights_only=True.
+
+Step checkpoints are `checkpoints/step_XXXXXXXX.pt`; `last.pt` is a hard link to the newest one.
+A crash mid-write leaves only a `.tmp` file, which is never picked; an unreadable file is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep: int = 2) -> Path:
+    """Write step_<step>.pt atomically, point last.pt at it, keep the newest `keep` step files."""
+    path = ckpt_dir / f"step_{step:08d}.pt"
+    atomic_save(state, path)
+    link_tmp = ckpt_dir / f".last.pt.{os.getpid()}.tmp"
+    link_tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, link_tmp)
+    except OSError:  # filesystems without hard links: a second atomic write
+        atomic_save(state, link_tmp)
+    os.replace(link_tmp, ckpt_dir / "last.pt")
+    for old in step_checkpoints(ckpt_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def step_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Step checkpoint files, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path}: not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt/truncated files
+        raise CheckpointError(f"checkpoint {path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"checkpoint {path}: not a cifar-dist checkpoint (no 'model' entry)")
+    return state
+
+
+def latest_checkpoint(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads, or None; corrupt or half-written files are skipped."""
+    for path in reversed(step_checkpoints(ckpt_dir)):
+        try:
+            return path, load_checkpoint(path, map_location)
+        except CheckpointError:
+            continue
+    return None

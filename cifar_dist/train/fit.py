@@ -1,0 +1,126 @@
+"""fit(cfg) -> metrics: the one entry point the CLI, the tests and the sweeps call."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifar_dist.config.load import config_to_dict, dump_config
+from cifar_dist.config.schema import Config, ConfigError
+from cifar_dist.logging.sinks import build_sinks
+from cifar_dist.parallel.mesh import ParallelDims
+from cifar_dist.train.checkpoint import latest_checkpoint, load_checkpoint
+from cifar_dist.train.trainer import Trainer, micro_batch_size
+from cifar_dist.utils.dist import DistInfo, barrier, broadcast_object, distributed_session
+from cifar_dist.utils.gitinfo import git_sha
+from cifar_dist.utils.seed import seed_everything
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    """<log.dir>/<log.name>; rank 0 picks a timestamped name when none is given and shares it."""
+    name = cfg.log.name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model.name}"
+    name = str(broadcast_object(name))
+    return Path(cfg.log.dir) / name
+
+
+def build_data(cfg: Config, dp_rank: int, dp: int) -> tuple[Any, dict[str, Any], list[str]]:
+    from cifar_dist.data import load_splits
+
+    splits = load_splits(cfg.data)
+    classes = list(getattr(splits, "classes", []) or [])
+    micro = micro_batch_size(cfg, dp)
+    eval_batch = max(1, cfg.data.eval_batch_size // dp)
+    if cfg.data.loader == "torch":
+        from cifar_dist.data.loaders import build_loaders
+
+        train, evals = build_loaders(
+            cfg.data, splits, micro_batch=micro, eval_batch=eval_batch, rank=dp_rank,
+            world_size=dp, seed=cfg.train.seed, num_classes=cfg.data.num_classes,
+        )
+    else:
+        raise ConfigError(f"data.loader: {cfg.data.loader!r} is not available in this version (use torch)")
+    return train, evals, classes
+
+
+def _find_resume(cfg: Config, run_dir: Path, device: torch.device) -> dict[str, Any] | None:
+    if not cfg.train.resume:
+        return None
+    if cfg.train.resume == "auto":
+        found = latest_checkpoint(run_dir / "checkpoints", map_location=device)
+        return found[1] if found else None
+    return load_checkpoint(Path(cfg.train.resume), map_location=device)
+
+
+def _finish(trainer: Trainer, cfg: Config, run_dir: Path, classes: list[str], wall0: float) -> dict[str, Any]:
+    st = trainer.state
+    summary: dict[str, Any] = {}
+    splits = [s for s in ("val", "test") if s in trainer.eval_loaders]
+    confusion = None
+    for split in splits:
+        res = trainer.evaluate_split(split, confusion=split == splits[-1])
+        confusion = res.pop("confusion", confusion)
+        summary.update({f"{split}_{k}": v for k, v in res.items()})
+    summary.update(
+        {
+            "epochs": st.epoch,
+            "steps": st.step,
+            "skipped_steps": st.skipped_steps,
+            "train_s": st.train_time_s,
+            "wall_s": time.perf_counter() - wall0,
+            "samples_per_s": st.train_samples * trainer.info.world_size / max(st.train_time_s, 1e-9),
+            "params": sum(p.numel() for p in trainer.model.parameters()),
+            "world_size": trainer.info.world_size,
+            "device": str(trainer.device),
+            "git_sha": git_sha(),
+        }
+    )
+    if trainer.info.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+        if cfg.log.plots:
+            from cifar_dist.logging import plots
+
+            plots.plot_curves(st.history, run_dir / "curves.png")
+            plots.plot_lr(list(range(1, len(st.lr_trace) + 1)), st.lr_trace, run_dir / "lr_schedule.png")
+            if confusion is not None:
+                names = classes or [str(i) for i in range(cfg.data.num_classes)]
+                plots.plot_confusion(confusion, names, run_dir / "confusion_matrix.png")
+        trainer.sink.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    return summary
+
+
+def run_training(cfg: Config, info: DistInfo) -> dict[str, Any]:
+    wall0 = time.perf_counter()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    dims = ParallelDims.from_config(cfg.parallel, info.world_size)
+    run_dir = resolve_run_dir(cfg)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    barrier()
+    train_loader, eval_loaders, classes = build_data(cfg, info.rank, dims.dp)
+    sink = build_sinks(cfg, run_dir, info.is_main, config_to_dict(cfg))
+    try:
+        trainer = Trainer(cfg, info, dims, (train_loader, eval_loaders), run_dir, sink)
+        ckpt = _find_resume(cfg, run_dir, info.device)
+        if ckpt is not None:
+            trainer.load_state_dict(ckpt)
+            if info.is_main:
+                print(f"resumed at epoch {trainer.state.epoch + 1}, step {trainer.state.step}", flush=True)
+        trainer.run()
+        return _finish(trainer, cfg, run_dir, classes, wall0)
+    finally:
+        sink.close()
+
+
+def fit(cfg: Config) -> dict[str, float]:
+    """Train (single process, or one rank of a torchrun job) and return the final metrics."""
+    with distributed_session(cfg.train.device, cfg.parallel.backend) as info:
+        summary = run_training(cfg, info)
+    return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -1,0 +1,75 @@
+"""Evaluation metrics with torchmetrics; compute() syncs across ranks, so sharded eval is exact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+
+def build_metrics(num_classes: int, device: torch.device) -> MetricCollection:
+    top5 = min(5, num_classes)
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "top5": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
+            "precision": MulticlassPrecision(num_classes, average="macro"),
+            "recall": MulticlassRecall(num_classes, average="macro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+        }
+    ).to(device)
+
+
+def tta_logits(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:
+    """Logits, averaged with those of the horizontally flipped image when `tta`."""
+    logits = model(images)
+    if tta:
+        logits = 0.5 * (logits + model(images.flip(-1)))
+    return logits
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Any,
+    num_classes: int,
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    tta: bool = False,
+    confusion: bool = False,
+) -> dict[str, Any]:
+    """Loss and metrics over this rank's shard, reduced over all ranks by torchmetrics."""
+    was_training = model.training
+    model.eval()
+    metrics = build_metrics(num_classes, device)
+    loss_mean = MeanMetric().to(device)
+    cm = MulticlassConfusionMatrix(num_classes).to(device) if confusion else None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = tta_logits(model, images, tta)
+        logits = logits.float()
+        loss_mean.update(F.cross_entropy(logits, labels, reduction="none"))
+        metrics.update(logits, labels)
+        if cm is not None:
+            cm.update(logits, labels)
+    out: dict[str, Any] = {k: float(v) for k, v in metrics.compute().items()}
+    out["loss"] = float(loss_mean.compute())
+    if cm is not None:
+        out["confusion"] = cm.compute().cpu().numpy()
+    model.train(was_training)
+    return out

@@ -1,0 +1,262 @@
+"""The training loop: one Trainer per run, built from a Config and the process's DistInfo."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from cifar_dist.config.schema import Config, ConfigError
+from cifar_dist.logging.sinks import Sink
+from cifar_dist.models import create_model
+from cifar_dist.parallel.mesh import ParallelDims
+from cifar_dist.parallel.parallelize import parallelize
+from cifar_dist.train.checkpoint import save_checkpoint
+from cifar_dist.train.metrics import evaluate
+from cifar_dist.train.optim import build_optimizer, build_scheduler
+from cifar_dist.train.state import TrainState
+from cifar_dist.utils.dist import DistInfo, all_reduce_sum
+from cifar_dist.utils.seed import rng_state, set_rng_state
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite losses or gradient norms."""
+
+
+def build_model(cfg: Config, device: torch.device) -> nn.Module:
+    m = cfg.model
+    model = create_model(
+        m.name,
+        num_classes=cfg.data.num_classes,
+        norm=m.norm,
+        groups=m.groups,
+        se=m.se,
+        dropout=m.dropout,
+        drop_path=m.drop_path,
+    )
+    fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
+    return model.to(device=device, memory_format=fmt)
+
+
+def micro_batch_size(cfg: Config, dp: int) -> int:
+    per_step = dp * cfg.train.grad_accum
+    if cfg.data.batch_size % per_step:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} is not divisible by dp*grad_accum = {per_step}"
+        )
+    return cfg.data.batch_size // per_step
+
+
+class Trainer:
+    def __init__(self, cfg: Config, info: DistInfo, dims: ParallelDims, loaders: tuple, run_dir: Path, sink: Sink) -> None:
+        self.cfg, self.info, self.dims, self.run_dir, self.sink = cfg, info, dims, run_dir, sink
+        self.device = info.device
+        self.train_loader, self.eval_loaders = loaders
+        self.amp_dtype = AMP_DTYPES[cfg.train.amp]
+        if self.amp_dtype is torch.float16 and self.device.type != "cuda":
+            raise ConfigError("train.amp: fp16 needs a GPU (GradScaler); use bf16 on CPU")
+        torch.manual_seed(cfg.train.seed)  # identical init on every rank
+        self.model = build_model(cfg, self.device)
+        torch.manual_seed(cfg.train.seed + 1 + info.rank)  # per-rank dropout / drop-path streams
+        self.train_model = parallelize(self.model, dims, cfg, self.device)
+        self.accum = cfg.train.grad_accum
+        self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError("data.batch_size: larger than the training split")
+        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.data.batch_size)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.steps_per_epoch, cfg.train.epochs)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+        self.state = TrainState()
+        self.stop_requested = False  # set by signal handlers (data-parallel issue)
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        from cifar_dist.config.load import config_to_dict
+
+        rngs = [rng_state()]
+        if self.info.distributed:
+            rngs = [None] * self.info.world_size
+            dist.all_gather_object(rngs, rng_state())
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "ema": self.ema.state_dict() if self.ema else None,
+            "rng": rngs,
+            "train_state": self.state.to_dict(),
+            "config": config_to_dict(self.cfg),
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema and ckpt.get("ema"):
+            self.ema.load_state_dict(ckpt["ema"])
+        rngs = ckpt["rng"]
+        set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
+        self.state = TrainState.from_dict(ckpt["train_state"])
+
+    def save(self) -> None:
+        state = self.state_dict()  # collective: every rank takes part
+        if self.info.is_main:
+            save_checkpoint(state, self.run_dir / "checkpoints", self.state.step)
+
+    # ----- one optimiser step ------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing)
+
+    def _micro_step(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[float, float]:
+        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        labels = labels.to(self.device, non_blocking=True)
+        no_sync = getattr(self.train_model, "no_sync", None)
+        ctx = no_sync() if (no_sync and not sync) else contextlib.nullcontext()
+        with ctx:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                logits = self.train_model(images)
+            loss = self._loss(logits, labels)
+            scaled = loss / self.accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        hard = labels if labels.ndim == 1 else labels.argmax(dim=1)
+        correct = float((logits.argmax(dim=1) == hard).sum())
+        return float(loss.detach()), correct
+
+    def _optimizer_step(self, losses: list[float]) -> float:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.clip_norm or math.inf
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        finite = all(math.isfinite(v) for v in losses) and (self.scaler is not None or math.isfinite(norm))
+        if self.info.distributed:  # every rank must take the same decision
+            finite = all_reduce_sum(float(not finite), self.device) == 0
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.update()
+            self.state.nonfinite_run += 1
+            self.state.skipped_steps += 1
+            if self.state.nonfinite_run >= self.cfg.train.max_nonfinite:
+                raise NonFiniteError(
+                    f"training diverged: {self.state.nonfinite_run} consecutive non-finite losses/grad norms "
+                    f"at step {self.state.step} (lower optim.lr, or set train.clip_norm)"
+                )
+            return norm
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.state.nonfinite_run = 0
+        return norm
+
+    # ----- epochs ------------------------------------------------------------------------------
+    def _max_steps_reached(self) -> bool:
+        return 0 < self.cfg.train.max_steps <= self.state.step
+
+    def train_epoch(self) -> None:
+        st, cfg = self.state, self.cfg
+        self.train_model.train()
+        self.train_loader.set_epoch(st.epoch)
+        self.train_loader.set_start_batch(st.step_in_epoch * self.accum)
+        show = self.info.is_main and cfg.train.progress
+        bar = tqdm(total=self.steps_per_epoch, initial=st.step_in_epoch, disable=not show, leave=False,
+                   desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True)
+        batches = iter(self.train_loader)
+        t0 = time.perf_counter()
+        while st.step_in_epoch < self.steps_per_epoch and not self._max_steps_reached() and not self.stop_requested:
+            losses = []
+            for i in range(self.accum):
+                images, labels = next(batches)
+                loss, correct = self._micro_step(images, labels, sync=i == self.accum - 1)
+                losses.append(loss)
+                st.epoch_correct += correct
+                st.epoch_seen += labels.shape[0]
+                st.epoch_loss_sum += loss * labels.shape[0]
+                st.train_samples += labels.shape[0]
+            lr = self.optimizer.param_groups[0]["lr"]
+            norm = self._optimizer_step(losses)
+            st.step += 1
+            st.step_in_epoch += 1
+            st.lr_trace.append(lr)
+            if st.step % cfg.log.every_steps == 0:
+                self.sink.log({"step/loss": sum(losses) / len(losses), "step/lr": lr, "step/grad_norm": norm}, st.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}")
+            if cfg.train.ckpt_every_steps and st.step % cfg.train.ckpt_every_steps == 0:
+                st.train_time_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self.save()
+        st.train_time_s += time.perf_counter() - t0
+        bar.close()
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def evaluate_split(self, split: str, confusion: bool = False) -> dict[str, Any]:
+        return evaluate(
+            self.eval_model(), self.eval_loaders[split], self.cfg.data.num_classes, self.device,
+            amp_dtype=self.amp_dtype, channels_last=self.cfg.train.channels_last,
+            tta=self.cfg.train.tta, confusion=confusion,
+        )
+
+    def end_epoch(self) -> bool:
+        """Log the epoch, evaluate, checkpoint; returns True when early stopping says stop."""
+        st, cfg = self.state, self.cfg
+        seen = all_reduce_sum(st.epoch_seen, self.device)
+        record: dict[str, Any] = {
+            "epoch": st.epoch + 1,
+            "train_loss": all_reduce_sum(st.epoch_loss_sum, self.device) / max(seen, 1),
+            "train_acc": all_reduce_sum(st.epoch_correct, self.device) / max(seen, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "skipped_steps": st.skipped_steps,
+        }
+        last = st.epoch + 1 == cfg.train.epochs or self._max_steps_reached()
+        stop = False
+        if "val" in self.eval_loaders and ((st.epoch + 1) % cfg.train.eval_every == 0 or last):
+            val = self.evaluate_split("val")
+            record.update({f"val_{k}": v for k, v in val.items()})
+            if val["loss"] < st.best_val_loss:
+                st.best_val_loss, st.bad_evals = val["loss"], 0
+            else:
+                st.bad_evals += 1
+                stop = 0 < cfg.train.early_stopping <= st.bad_evals
+        st.history.append(record)
+        self.sink.log(record, st.step)
+        st.epoch += 1
+        st.step_in_epoch = 0
+        st.reset_epoch_sums()
+        self.save()
+        return stop
+
+    def run(self) -> None:
+        while self.state.epoch < self.cfg.train.epochs and not self._max_steps_reached():
+            self.train_epoch()
+            if self.stop_requested:
+                self.save()
+                return
+            if self.end_epoch():
+                if self.info.is_main:
+                    tqdm.write(f"early stopping: no val_loss improvement in {self.state.bad_evals} evaluations")
+                return
