@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from cifar_dist.config.schema import ConfigError
     from cifar_dist.data.errors import DataError
@@ -16,6 +15,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cifar_dist.train.trainer import NonFiniteError
 
     return (ConfigError, DataError, CheckpointError, NonFiniteError, FileNotFoundError)
+
+
+def _preempted() -> type[BaseException]:
+    from cifar_dist.train.trainer import Preempted
+
+    return Preempted
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
@@ -41,7 +46,9 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
     from cifar_dist.data import prepare_store, verify_store, write_synthetic
 
     if args.data_cmd == "synth":
-        out = write_synthetic(Path(args.out), args.dataset, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
+        out = write_synthetic(
+            Path(args.out), args.dataset, n_train=args.n_train, n_test=args.n_test, seed=args.seed
+        )
         print(f"wrote synthetic {args.dataset} files to {out}")
         return 0
     overrides = list(rest)
@@ -58,19 +65,32 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cifar-dist", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a model: cifar-dist train -c CONFIG [--section.key=value ...]")
+    t = sub.add_parser(
+        "train", help="train a model: cifar-dist train -c CONFIG [--section.key=value ...]"
+    )
     t.add_argument("-c", "--config", help="YAML config file")
     e = sub.add_parser("eval", help="evaluate a checkpoint on its validation/test splits")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist")
+    e.add_argument(
+        "--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist"
+    )
     d = sub.add_parser("data", help="import, synthesise or verify datasets")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
-    imp = dsub.add_parser("import", help="convert a source (image folder/tars or canonical files) to the array store")
-    imp.add_argument("source", nargs="?", default="", help="image-folder dir or tar shards (default: data.source)")
+    imp = dsub.add_parser(
+        "import", help="convert a source (image folder/tars or canonical files) to the array store"
+    )
+    imp.add_argument(
+        "source",
+        nargs="?",
+        default="",
+        help="image-folder dir or tar shards (default: data.source)",
+    )
     imp.add_argument("-c", "--config")
     ver = dsub.add_parser("verify", help="check the array store (counts, classes, checksums)")
     ver.add_argument("-c", "--config")
-    syn = dsub.add_parser("synth", help="write small learnable synthetic files in the canonical format")
+    syn = dsub.add_parser(
+        "synth", help="write small learnable synthetic files in the canonical format"
+    )
     syn.add_argument("--out", required=True)
     syn.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
     syn.add_argument("--n-train", type=int, default=1000)
@@ -87,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"cifar-dist: error: {e}", file=sys.stderr)
         return 2
+    except _preempted() as e:
+        print(f"cifar-dist: {e}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("cifar-dist: interrupted", file=sys.stderr)
         return 130

@@ -65,13 +65,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for corrupt/truncated files
-        raise CheckpointError(f"checkpoint {path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(
+            f"checkpoint {path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path}: not a cifar-dist checkpoint (no 'model' entry)")
     return state
 
 
-def latest_checkpoint(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+def latest_checkpoint(
+    ckpt_dir: Path, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint that loads, or None; corrupt or half-written files are skipped."""
     for path in reversed(step_checkpoints(ckpt_dir)):
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cifar_dist.config.load import merge_trees, config_from_dict, config_to_dict, parse_overrides
+from cifar_dist.config.load import config_from_dict, config_to_dict, merge_trees, parse_overrides
 from cifar_dist.train.checkpoint import load_checkpoint
 from cifar_dist.train.fit import build_data
 from cifar_dist.train.metrics import evaluate
@@ -18,7 +18,9 @@ def _ema_weights(ema_state: dict[str, Any]) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in ema_state.items() if k.startswith("module.")}
 
 
-def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None, use_ema: bool = True) -> dict[str, float]:
+def evaluate_checkpoint(
+    path: str | Path, overrides: list[str] | None = None, use_ema: bool = True
+) -> dict[str, float]:
     ckpt = load_checkpoint(Path(path))
     base = config_from_dict(ckpt["config"])
     # CLI overrides (e.g. --data.dir) apply on top of the checkpoint's own config.
@@ -30,8 +32,15 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | None = None, us
         _, loaders, _ = build_data(cfg, info.rank, info.world_size)
         out: dict[str, float] = {}
         for split, loader in loaders.items():
-            res = evaluate(model, loader, cfg.data.num_classes, info.device, amp_dtype=AMP_DTYPES[cfg.train.amp],
-                           channels_last=cfg.train.channels_last, tta=cfg.train.tta)
+            res = evaluate(
+                model,
+                loader,
+                cfg.data.num_classes,
+                info.device,
+                amp_dtype=AMP_DTYPES[cfg.train.amp],
+                channels_last=cfg.train.channels_last,
+                tta=cfg.train.tta,
+            )
             out.update({f"{split}_{k}": float(v) for k, v in res.items()})
     return out
 

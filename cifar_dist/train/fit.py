@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,11 +43,19 @@ def build_data(cfg: Config, dp_rank: int, dp: int) -> tuple[Any, dict[str, Any],
         from cifar_dist.data.loaders import build_loaders
 
         train, evals = build_loaders(
-            cfg.data, splits, micro_batch=micro, eval_batch=eval_batch, rank=dp_rank,
-            world_size=dp, seed=cfg.train.seed, num_classes=cfg.data.num_classes,
+            cfg.data,
+            splits,
+            micro_batch=micro,
+            eval_batch=eval_batch,
+            rank=dp_rank,
+            world_size=dp,
+            seed=cfg.train.seed,
+            num_classes=cfg.data.num_classes,
         )
     else:
-        raise ConfigError(f"data.loader: {cfg.data.loader!r} is not available in this version (use torch)")
+        raise ConfigError(
+            f"data.loader: {cfg.data.loader!r} is not available in this version (use torch)"
+        )
     return train, evals, classes
 
 
@@ -56,7 +68,9 @@ def _find_resume(cfg: Config, run_dir: Path, device: torch.device) -> dict[str, 
     return load_checkpoint(Path(cfg.train.resume), map_location=device)
 
 
-def _finish(trainer: Trainer, cfg: Config, run_dir: Path, classes: list[str], wall0: float) -> dict[str, Any]:
+def _finish(
+    trainer: Trainer, cfg: Config, run_dir: Path, classes: list[str], wall0: float
+) -> dict[str, Any]:
     st = trainer.state
     summary: dict[str, Any] = {}
     splits = [s for s in ("val", "test") if s in trainer.eval_loaders]
@@ -72,7 +86,9 @@ def _finish(trainer: Trainer, cfg: Config, run_dir: Path, classes: list[str], wa
             "skipped_steps": st.skipped_steps,
             "train_s": st.train_time_s,
             "wall_s": time.perf_counter() - wall0,
-            "samples_per_s": st.train_samples * trainer.info.world_size / max(st.train_time_s, 1e-9),
+            "samples_per_s": st.train_samples
+            * trainer.info.world_size
+            / max(st.train_time_s, 1e-9),
             "params": sum(p.numel() for p in trainer.model.parameters()),
             "world_size": trainer.info.world_size,
             "device": str(trainer.device),
@@ -85,12 +101,32 @@ def _finish(trainer: Trainer, cfg: Config, run_dir: Path, classes: list[str], wa
             from cifar_dist.logging import plots
 
             plots.plot_curves(st.history, run_dir / "curves.png")
-            plots.plot_lr(list(range(1, len(st.lr_trace) + 1)), st.lr_trace, run_dir / "lr_schedule.png")
+            plots.plot_lr(
+                list(range(1, len(st.lr_trace) + 1)), st.lr_trace, run_dir / "lr_schedule.png"
+            )
             if confusion is not None:
                 names = classes or [str(i) for i in range(cfg.data.num_classes)]
                 plots.plot_confusion(confusion, names, run_dir / "confusion_matrix.png")
         trainer.sink.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return summary
+
+
+@contextmanager
+def preemption_handlers(trainer: Trainer) -> Iterator[None]:
+    """SIGTERM (torchrun, schedulers) and SIGUSR1 (Slurm --signal) ask for a checkpoint and a clean stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        trainer.signal_received = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def run_training(cfg: Config, info: DistInfo) -> dict[str, Any]:
@@ -112,8 +148,12 @@ def run_training(cfg: Config, info: DistInfo) -> dict[str, Any]:
         if ckpt is not None:
             trainer.load_state_dict(ckpt)
             if info.is_main:
-                print(f"resumed at epoch {trainer.state.epoch + 1}, step {trainer.state.step}", flush=True)
-        trainer.run()
+                print(
+                    f"resumed at epoch {trainer.state.epoch + 1}, step {trainer.state.step}",
+                    flush=True,
+                )
+        with preemption_handlers(trainer):
+            trainer.run()
         return _finish(trainer, cfg, run_dir, classes, wall0)
     finally:
         sink.close()
@@ -123,4 +163,8 @@ def fit(cfg: Config) -> dict[str, float]:
     """Train (single process, or one rank of a torchrun job) and return the final metrics."""
     with distributed_session(cfg.train.device, cfg.parallel.backend) as info:
         summary = run_training(cfg, info)
-    return {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: float(v)
+        for k, v in summary.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }

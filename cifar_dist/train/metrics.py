@@ -60,7 +60,9 @@ def evaluate(
     for images, labels in loader:
         images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
             logits = tta_logits(model, images, tta)
         logits = logits.float()
         loss_mean.update(F.cross_entropy(logits, labels, reduction="none"))

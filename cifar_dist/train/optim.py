@@ -47,7 +47,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> to
     lr = scaled_lr(cfg, global_batch)
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+        )
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, cfg.beta2))
 
 
@@ -63,7 +65,9 @@ def build_scheduler(
     rest = total - warmup
     if cfg.name == "cosine":
         base_lr = optimizer.param_groups[0]["lr"]
-        main: LRScheduler = CosineAnnealingLR(optimizer, T_max=rest, eta_min=base_lr * cfg.min_lr_ratio)
+        main: LRScheduler = CosineAnnealingLR(
+            optimizer, T_max=rest, eta_min=base_lr * cfg.min_lr_ratio
+        )
     elif cfg.name == "multistep":
         milestones = sorted({max(1, int(m * total) - warmup) for m in cfg.milestones})
         main = MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)

@@ -25,6 +25,7 @@ from cifar_dist.train.metrics import evaluate
 from cifar_dist.train.optim import build_optimizer, build_scheduler
 from cifar_dist.train.state import TrainState
 from cifar_dist.utils.dist import DistInfo, all_reduce_sum
+from cifar_dist.utils.faults import maybe_inject_fault
 from cifar_dist.utils.seed import rng_state, set_rng_state
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -32,6 +33,10 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite losses or gradient norms."""
+
+
+class Preempted(RuntimeError):
+    """A SIGTERM/SIGUSR1 stopped the run after a checkpoint; resume with --train.resume=auto."""
 
 
 def build_model(cfg: Config, device: torch.device) -> nn.Module:
@@ -59,7 +64,15 @@ def micro_batch_size(cfg: Config, dp: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, info: DistInfo, dims: ParallelDims, loaders: tuple, run_dir: Path, sink: Sink) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        info: DistInfo,
+        dims: ParallelDims,
+        loaders: tuple,
+        run_dir: Path,
+        sink: Sink,
+    ) -> None:
         self.cfg, self.info, self.dims, self.run_dir, self.sink = cfg, info, dims, run_dir, sink
         self.device = info.device
         self.train_loader, self.eval_loaders = loaders
@@ -75,30 +88,39 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ConfigError("data.batch_size: larger than the training split")
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.data.batch_size)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.steps_per_epoch, cfg.train.epochs)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.schedule, self.steps_per_epoch, cfg.train.epochs
+        )
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
         self.ema = None
         if cfg.train.ema_decay > 0:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+            self.ema = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True
+            )
         self.state = TrainState()
-        self.stop_requested = False  # set by signal handlers (data-parallel issue)
+        self.signal_received: int | None = None  # set by a SIGTERM/SIGUSR1 handler (pre-emption)
+        self.stop_requested = (
+            False  # the all-ranks decision derived from it, taken at a step boundary
+        )
 
     # ----- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         from cifar_dist.config.load import config_to_dict
 
-        rngs = [rng_state()]
+        # RNG streams and partial-epoch sums differ per rank: gather every rank's copy.
+        per_rank = [(rng_state(), self.state.to_dict())]
         if self.info.distributed:
-            rngs = [None] * self.info.world_size
-            dist.all_gather_object(rngs, rng_state())
+            per_rank = [None] * self.info.world_size
+            dist.all_gather_object(per_rank, (rng_state(), self.state.to_dict()))
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema": self.ema.state_dict() if self.ema else None,
-            "rng": rngs,
+            "rng": [r for r, _ in per_rank],
             "train_state": self.state.to_dict(),
+            "rank_train_states": [t for _, t in per_rank],
             "config": config_to_dict(self.cfg),
         }
 
@@ -110,9 +132,12 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema and ckpt.get("ema"):
             self.ema.load_state_dict(ckpt["ema"])
-        rngs = ckpt["rng"]
-        set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
-        self.state = TrainState.from_dict(ckpt["train_state"])
+        rngs, states = ckpt["rng"], ckpt.get("rank_train_states") or [ckpt["train_state"]]
+        same_layout = len(rngs) == self.info.world_size
+        set_rng_state(rngs[self.info.rank] if same_layout else rngs[0])
+        self.state = TrainState.from_dict(
+            states[self.info.rank] if same_layout else ckpt["train_state"]
+        )
 
     def save(self) -> None:
         state = self.state_dict()  # collective: every rank takes part
@@ -121,16 +146,24 @@ class Trainer:
 
     # ----- one optimiser step ------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing)
+        return F.cross_entropy(
+            logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing
+        )
 
-    def _micro_step(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> tuple[float, float]:
+    def _micro_step(
+        self, images: torch.Tensor, labels: torch.Tensor, sync: bool
+    ) -> tuple[float, float]:
         fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         labels = labels.to(self.device, non_blocking=True)
         no_sync = getattr(self.train_model, "no_sync", None)
         ctx = no_sync() if (no_sync and not sync) else contextlib.nullcontext()
         with ctx:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            with torch.autocast(
+                self.device.type,
+                dtype=self.amp_dtype or torch.float32,
+                enabled=self.amp_dtype is not None,
+            ):
                 logits = self.train_model(images)
             loss = self._loss(logits, labels)
             scaled = loss / self.accum
@@ -144,9 +177,16 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.clip_norm or math.inf
         norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        finite = all(math.isfinite(v) for v in losses) and (self.scaler is not None or math.isfinite(norm))
-        if self.info.distributed:  # every rank must take the same decision
-            finite = all_reduce_sum(float(not finite), self.device) == 0
+        finite = all(math.isfinite(v) for v in losses) and (
+            self.scaler is not None or math.isfinite(norm)
+        )
+        self.stop_requested = self.signal_received is not None
+        if self.info.distributed:  # every rank must take the same decisions: one small all-reduce
+            flags = torch.tensor(
+                [float(not finite), float(self.stop_requested)], device=self.device
+            )
+            dist.all_reduce(flags)
+            finite, self.stop_requested = bool(flags[0] == 0), bool(flags[1] > 0)
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
@@ -181,11 +221,21 @@ class Trainer:
         self.train_loader.set_epoch(st.epoch)
         self.train_loader.set_start_batch(st.step_in_epoch * self.accum)
         show = self.info.is_main and cfg.train.progress
-        bar = tqdm(total=self.steps_per_epoch, initial=st.step_in_epoch, disable=not show, leave=False,
-                   desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=st.step_in_epoch,
+            disable=not show,
+            leave=False,
+            desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}",
+            dynamic_ncols=True,
+        )
         batches = iter(self.train_loader)
         t0 = time.perf_counter()
-        while st.step_in_epoch < self.steps_per_epoch and not self._max_steps_reached() and not self.stop_requested:
+        while (
+            st.step_in_epoch < self.steps_per_epoch
+            and not self._max_steps_reached()
+            and not self.stop_requested
+        ):
             losses = []
             for i in range(self.accum):
                 images, labels = next(batches)
@@ -200,8 +250,13 @@ class Trainer:
             st.step += 1
             st.step_in_epoch += 1
             st.lr_trace.append(lr)
-            if st.step % cfg.log.every_steps == 0:
-                self.sink.log({"step/loss": sum(losses) / len(losses), "step/lr": lr, "step/grad_norm": norm}, st.step)
+            if st.step % cfg.log.every_steps == 0:  # same step on every rank: all-reduce is safe
+                mean_loss = all_reduce_sum(sum(losses) / len(losses), self.device) / self.info.world_size
+                self.sink.log(
+                    {"step/loss": mean_loss, "step/lr": lr, "step/grad_norm": norm},
+                    st.step,
+                )
+            maybe_inject_fault(st.step, self.info.rank)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}")
             if cfg.train.ckpt_every_steps and st.step % cfg.train.ckpt_every_steps == 0:
@@ -216,9 +271,14 @@ class Trainer:
 
     def evaluate_split(self, split: str, confusion: bool = False) -> dict[str, Any]:
         return evaluate(
-            self.eval_model(), self.eval_loaders[split], self.cfg.data.num_classes, self.device,
-            amp_dtype=self.amp_dtype, channels_last=self.cfg.train.channels_last,
-            tta=self.cfg.train.tta, confusion=confusion,
+            self.eval_model(),
+            self.eval_loaders[split],
+            self.cfg.data.num_classes,
+            self.device,
+            amp_dtype=self.amp_dtype,
+            channels_last=self.cfg.train.channels_last,
+            tta=self.cfg.train.tta,
+            confusion=confusion,
         )
 
     def end_epoch(self) -> bool:
@@ -253,10 +313,18 @@ class Trainer:
     def run(self) -> None:
         while self.state.epoch < self.cfg.train.epochs and not self._max_steps_reached():
             self.train_epoch()
+            if self._max_steps_reached() and self.state.step_in_epoch < self.steps_per_epoch:
+                self.save()  # stopped mid-epoch: a later run with a larger budget resumes here
+                return
             if self.stop_requested:
                 self.save()
-                return
+                raise Preempted(
+                    f"stopped by signal at step {self.state.step}; checkpoint saved in "
+                    f"{self.run_dir / 'checkpoints'} (resume with --train.resume=auto)"
+                )
             if self.end_epoch():
                 if self.info.is_main:
-                    tqdm.write(f"early stopping: no val_loss improvement in {self.state.bad_evals} evaluations")
+                    tqdm.write(
+                        f"early stopping: no val_loss improvement in {self.state.bad_evals} evaluations"
+                    )
                 return

@@ -38,7 +38,9 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: float = 600) -> DistInfo:
+def init_distributed(
+    device: str = "auto", backend: str = "auto", timeout_s: float = 600
+) -> DistInfo:
     """Join the process group torchrun describes (RANK/WORLD_SIZE/MASTER_ADDR...), if any."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -1,0 +1,63 @@
+"""Model registry (timm-style) and the contract every registered model fulfils."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+ModelFactory = Callable[..., nn.Module]
+
+# The options every factory accepts as keywords (each ignores the ones that do not apply);
+# create_model rejects anything else so a config typo fails loudly instead of being dropped.
+MODEL_OPTIONS = ("norm", "groups", "se", "dropout", "drop_path")
+
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Register `factory(num_classes=10, *, norm, groups, se, dropout, drop_path)` as `name`."""
+
+    def decorator(factory: ModelFactory) -> ModelFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int = 10, **kwargs: object) -> nn.Module:
+    """Build a registered model by name; the one way configs and the CLI make models."""
+    if name not in _REGISTRY:
+        raise ValueError(f"model.name: unknown model {name!r} (known: {', '.join(list_models())})")
+    for key in kwargs:
+        if key not in MODEL_OPTIONS:
+            raise ValueError(
+                f"model.{key}: unknown model option (known: {', '.join(MODEL_OPTIONS)})"
+            )
+    if num_classes < 1:
+        raise ValueError(f"model.num_classes: must be >= 1, got {num_classes}")
+    return _REGISTRY[name](num_classes=num_classes, **kwargs)
+
+
+class PipelineModel(nn.Module):
+    """A classifier whose forward IS the sequential composition of `pipeline_layers()`.
+
+    Pipeline parallelism cuts that list into stages, so forward is derived from it rather than
+    written separately: the two can never diverge.
+    """
+
+    num_classes: int
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.pipeline_layers():
+            x = layer(x)
+        return x
