@@ -75,7 +75,9 @@ class DataConfig:
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
         _check(0 <= self.crop_padding <= 16, "data.crop_padding", "must be in 0..16")
-        _check(0 <= self.randaugment_magnitude <= 30, "data.randaugment_magnitude", "must be in 0..30")
+        _check(
+            0 <= self.randaugment_magnitude <= 30, "data.randaugment_magnitude", "must be in 0..30"
+        )
         _check(self.mixup_alpha >= 0, "data.mixup_alpha", "must be >= 0")
         _check(self.cutmix_alpha >= 0, "data.cutmix_alpha", "must be >= 0")
 

@@ -32,7 +32,12 @@ class WandbSink(Sink):
         self.run_dir = run_dir
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self.run.log({k.removeprefix("step/"): v for k, v in metrics.items()} if is_step_record(metrics) else metrics, step=step)
+        self.run.log(
+            {k.removeprefix("step/"): v for k, v in metrics.items()}
+            if is_step_record(metrics)
+            else metrics,
+            step=step,
+        )
 
     def summary(self, metrics: dict[str, Any]) -> None:
         import wandb
@@ -49,7 +54,9 @@ class WandbSink(Sink):
         self.run.finish()
         if mode == "offline":
             offline_dir = Path(path).parent
-            tqdm.write(f"wandb: offline run in {offline_dir}; upload with: wandb sync {offline_dir}")
+            tqdm.write(
+                f"wandb: offline run in {offline_dir}; upload with: wandb sync {offline_dir}"
+            )
 
 
 def make_wandb_sink(cfg: Any, run_dir: Path, config_dict: dict[str, Any]) -> WandbSink | None:

@@ -20,7 +20,7 @@ from cifar_dist.logging.sinks import build_sinks
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.train.checkpoint import latest_checkpoint, load_checkpoint
 from cifar_dist.train.trainer import Trainer, micro_batch_size
-from cifar_dist.utils.dist import DistInfo, barrier, broadcast_object, distributed_session
+from cifar_dist.utils.dist import DistInfo, barrier, broadcast_object, distributed_session, get_rank
 from cifar_dist.utils.gitinfo import git_sha
 from cifar_dist.utils.seed import seed_everything
 
@@ -32,9 +32,28 @@ def resolve_run_dir(cfg: Config) -> Path:
     return Path(cfg.log.dir) / name
 
 
+def ensure_synthetic(cfg: Config) -> None:
+    """data.synthetic > 0: write canonical-format synthetic files if the data dir has no dataset."""
+    if cfg.data.synthetic <= 0:
+        return
+    from cifar_dist.data import resolve_data_dir, write_synthetic
+    from cifar_dist.data.cifar import canonical_dir
+
+    root = resolve_data_dir(cfg.data)
+    if (root / cfg.data.dataset).exists() or canonical_dir(root, cfg.data.dataset).exists():
+        return
+    if get_rank() == 0:
+        n = cfg.data.synthetic
+        write_synthetic(
+            root, cfg.data.dataset, n_train=n, n_test=max(n // 5, 1), seed=cfg.data.split_seed
+        )
+    barrier()
+
+
 def build_data(cfg: Config, dp_rank: int, dp: int) -> tuple[Any, dict[str, Any], list[str]]:
     from cifar_dist.data import load_splits
 
+    ensure_synthetic(cfg)
     splits = load_splits(cfg.data)
     classes = list(getattr(splits, "classes", []) or [])
     micro = micro_batch_size(cfg, dp)
