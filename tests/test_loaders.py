@@ -188,8 +188,8 @@ def test_crop_flip_keep_labels_aligned_shapes_and_ranges() -> None:
 
 
 def test_crop_and_flip_actually_move_pixels() -> None:
-    # Columns encode x (value 4x + 30), so the centre pixel tells the shift and the row's slope
-    # the flip; reflect padding keeps every value inside the original 30..154.
+    # Columns encode x (value 4x + 30), so the centre pixel tells the shift, the row's slope the
+    # flip, and the zero padding shows up as exactly |shift| zeros at one end of the row.
     row = (4 * np.arange(32) + 30).astype(np.uint8)
     image = torch.from_numpy(np.broadcast_to(row, (3, 32, 32)).copy())
     tf = train_transform(cfg_for(crop_padding=4))
@@ -199,9 +199,12 @@ def test_crop_and_flip_actually_move_pixels() -> None:
         centre_row = unnormalise(tf(image)[None])[0, 0, 16].round()
         flipped = bool(centre_row[20] < centre_row[10])
         col = int((centre_row[16] - 30) / 4)
-        shifts.add(16 - (31 - col) if flipped else col - 16)
+        shift = 16 - (31 - col) if flipped else col - 16
+        shifts.add(shift)
         flips.add(flipped)
-        assert centre_row.min() >= 30 and centre_row.max() <= 154
+        inside = centre_row[centre_row != 0]
+        assert len(inside) == 32 - abs(shift) and inside.min() >= 30 and inside.max() <= 154
+        assert torch.equal(inside.diff().abs(), torch.full((31 - abs(shift),), 4.0))
     assert flips == {False, True}
     assert min(shifts) >= -4 and max(shifts) <= 4 and len(shifts) >= 5
 

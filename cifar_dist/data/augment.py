@@ -50,9 +50,10 @@ def train_transform(cfg: DataConfig) -> v2.Compose:
     """
     ops: list[v2.Transform] = []
     if cfg.crop_padding > 0:
-        # Reflect padding (as in airbench) rather than zeros: the crop then never shows a black
-        # border that real test images lack, so the model cannot learn to rely on it.
-        ops.append(v2.RandomCrop(32, padding=cfg.crop_padding, padding_mode="reflect"))
+        # Zero padding, the classic CIFAR recipe (He et al. 2016), not reflect: torch's reflect
+        # pad kernel is ~20x slower on a 32x32 image when intra-op threads > 1 (measured 2.6 ms
+        # vs 0.11 ms with 2 threads), which hits num_workers=0, where this runs in the trainer.
+        ops.append(v2.RandomCrop(32, padding=cfg.crop_padding, padding_mode="constant", fill=0))
     if cfg.flip:
         ops.append(v2.RandomHorizontalFlip(p=0.5))
     if cfg.randaugment:
