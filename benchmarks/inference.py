@@ -107,7 +107,7 @@ def measure(
     ctx: dict[str, Any],
 ) -> VariantResult:
     big: Tensor = ctx["images"].repeat(-(-opts.throughput_batch // len(ctx["images"])), 1, 1, 1)
-    res = accuracy(model, ctx["val"], ctx["num_classes"], opts.eval_batches)
+    res = accuracy(model, ctx["val"], opts.eval_batches)
     return VariantResult(
         name,
         size_bytes=fields.pop("size_bytes", None) or state_dict_bytes(model),
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     model, cfg = load_trained(Path(opts.checkpoint), overrides, use_ema=not opts.no_ema)
     train, evals, _ = build_data(cfg, 0, 1)
     split = "val" if "val" in evals else next(iter(evals))
-    ctx: dict[str, Any] = {"train": train, "val": evals[split], "num_classes": cfg.data.num_classes}
+    ctx: dict[str, Any] = {"train": train, "val": evals[split]}
     ctx["images"] = next(iter(evals[split]))[0][:64]
     rows: list[VariantResult] = []
     with tempfile.TemporaryDirectory() as tmp:

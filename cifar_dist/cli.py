@@ -7,14 +7,17 @@ import json
 import sys
 from pathlib import Path
 
+from cifar_dist.compress.cli import add_compress_parser, cmd_compress
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from cifar_dist.compress import CompressError
     from cifar_dist.config.schema import ConfigError
     from cifar_dist.data.errors import DataError
     from cifar_dist.train.checkpoint import CheckpointError
     from cifar_dist.train.trainer import NonFiniteError
 
-    return (ConfigError, DataError, CheckpointError, NonFiniteError, FileNotFoundError)
+    return (ConfigError, CompressError, DataError, CheckpointError, NonFiniteError, FileNotFoundError)
 
 
 def _preempted() -> type[BaseException]:
@@ -33,11 +36,13 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    import os
+
     from cifar_dist.train.eval_checkpoint import evaluate_checkpoint
-    from cifar_dist.utils.dist import print0
 
     res = evaluate_checkpoint(args.checkpoint, rest, use_ema=not args.no_ema)
-    print0(json.dumps(res, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now
+        print(json.dumps(res, indent=2), flush=True)
     return 0
 
 
@@ -96,12 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--n-train", type=int, default=1000)
     syn.add_argument("--n-test", type=int, default=200)
     syn.add_argument("--seed", type=int, default=0)
+    add_compress_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "compress": cmd_compress}
     try:
         return handlers[args.cmd](args, rest)
     except _user_errors() as e:

@@ -48,10 +48,13 @@ fi
 # --- processes per node ---------------------------------------------------------------------
 gpu_count() {
   local n=0
-  if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
-    # Respect a restricted view (Slurm, shared boxes): count its comma-separated entries.
-    local -a ids
-    IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+  if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+    # Respect a restricted view (Slurm, shared boxes): count its comma-separated entries
+    # ("" and Slurm's "NoDevFiles" mean no GPU).
+    local -a ids=()
+    if [[ $CUDA_VISIBLE_DEVICES != NoDevFiles ]]; then
+      IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+    fi
     n=${#ids[@]}
   elif command -v nvidia-smi >/dev/null 2>&1; then
     n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)

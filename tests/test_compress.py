@@ -116,7 +116,7 @@ def _learnable(n: int, seed: int) -> tuple[Tensor, Tensor]:
     protos = torch.randn(10, 3, RES, RES, generator=torch.Generator().manual_seed(1234))
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 10, (n,), generator=g)
-    return protos[labels] + 0.7 * torch.randn(n, 3, RES, RES, generator=g), labels
+    return protos[labels] + 1.6 * torch.randn(n, 3, RES, RES, generator=g), labels
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_int8_static_is_small_and_agrees(trained: tuple) -> None:
     with torch.no_grad():
         ref, out = model(val_images), qmodel(val_images)
     fp32_acc = (ref.argmax(1) == val_labels).float().mean().item()
-    assert fp32_acc >= 0.6, fp32_acc  # the model learned something: its top-1 is meaningful
+    assert fp32_acc >= 0.8, fp32_acc  # the model learned something: its top-1 is meaningful
     agreement = (ref.argmax(1) == out.argmax(1)).float().mean().item()
     assert agreement >= 0.95, agreement
     # Size = bytes of torch.save(state_dict): int8 packed weights vs fp32 weights.
@@ -255,6 +255,20 @@ def test_torchscript_matches_pytorch_with_dynamic_batch(trained: tuple, tmp_path
             assert (loaded(x) - model(x)).abs().max().item() <= 1e-4
 
 
+def test_accuracy_counts_top1_for_modules_without_parameters() -> None:
+    from cifar_dist.compress.report import accuracy
+
+    class Fixed(nn.Module):  # like an ONNX Runtime session: no parameters at all
+        def forward(self, images: Tensor) -> Tensor:
+            return F.one_hot(images[:, 0, 0, 0].long(), 10).float()
+
+    predicted = torch.tensor([1, 2, 3, 4])
+    images = predicted.float().view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    loader = [(images, torch.tensor([1, 2, 0, 0])), (images, torch.tensor([1, 0, 0, 0]))]
+    assert accuracy(Fixed(), loader)["acc"] == 3 / 8
+    assert accuracy(Fixed(), loader, max_batches=1)["acc"] == 2 / 4
+
+
 # ----- CLI ----------------------------------------------------------------------------------
 def _cli_args(*argv: str) -> tuple[argparse.Namespace, list[str]]:
     from cifar_dist.compress.cli import add_compress_parser
@@ -294,10 +308,37 @@ def test_cli_end_to_end(synth_cifar10: Path, tmp_path: Path) -> None:
     assert "| pruned+int8 |" in (out / "compress_report.md").read_text()
 
 
+def test_load_trained_prefers_ema_weights(tmp_path: Path) -> None:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from cifar_dist.compress.cli import load_trained
+    from cifar_dist.train.checkpoint import atomic_save
+
+    raw, averaged = _eval_model("seed_cnn", seed=0), _eval_model("seed_cnn", seed=1)
+    ema = AveragedModel(averaged, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    cfg = config_to_dict(load_config(None, {"model.name": "seed_cnn"}))
+    ckpt = tmp_path / "last.pt"
+    atomic_save({"model": raw.state_dict(), "ema": ema.state_dict(), "config": cfg}, ckpt)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for use_ema, source in ((True, averaged), (False, raw)):
+            model, loaded_cfg = load_trained(ckpt, ["--data.dir=/elsewhere"], use_ema=use_ema)
+            torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+            assert loaded_cfg.data.dir == "/elsewhere" and not model.training
+
+
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from cifar_dist.compress.cli import cmd_compress
+    from cifar_dist.train.checkpoint import atomic_save
 
     assert cmd_compress(*_cli_args(f"--checkpoint={tmp_path}/missing.pt", "--fuse")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cifar-dist compress: error:") and "not found" in err
     assert "\n" not in err
+    # A ViT cannot be fused: refused up front, before any data is loaded or measured.
+    cfg = config_to_dict(load_config(None, {"model.name": "vit_tiny", "data.dir": "/nonexistent"}))
+    ckpt = tmp_path / "vit.pt"
+    atomic_save({"model": create_model("vit_tiny").state_dict(), "ema": None, "config": cfg}, ckpt)
+    assert cmd_compress(*_cli_args(f"--checkpoint={ckpt}", "--fuse")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cifar-dist compress: error: fuse:") and "no BatchNorm2d" in err

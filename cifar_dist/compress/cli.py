@@ -79,171 +79,163 @@ def default_out(checkpoint: Path) -> Path:
     return run_dir / "compressed"
 
 
-def _measure(name: str, model: nn.Module, ctx: dict[str, Any], **kw: Any) -> VariantResult:
-    from cifar_dist.compress.report import accuracy, count_params, latency_ms, state_dict_bytes
+class _Run:
+    """One compress invocation: the data, the output dir, and the report being filled in."""
 
-    opts = ctx["opts"]
-    ctx["log"](f"measuring {name} ...")
-    res = accuracy(model, ctx["val"], ctx["num_classes"], opts.eval_batches)
-    row = VariantResult(
-        name,
-        size_bytes=kw.pop("size_bytes", None) or state_dict_bytes(model),
-        params=kw.pop("params", None) or count_params(model) or None,
-        latency_ms_b1=latency_ms(model, ctx["one"], opts.latency_iters),
-        acc=res["acc"],
-        loss=res["loss"],
-        **kw,
-    )
-    ctx["rows"].append(row)
-    return row
+    def __init__(self, opts: argparse.Namespace, cfg: Any, checkpoint: Path) -> None:
+        from cifar_dist.config.load import config_to_dict
+        from cifar_dist.train.fit import build_data
 
+        self.opts, self.cfg, self.config = opts, cfg, config_to_dict(cfg)
+        self.out = Path(opts.out) if opts.out else default_out(checkpoint)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.train_loader, evals, _ = build_data(cfg, 0, 1)
+        self.split = "val" if "val" in evals else next(iter(evals))
+        self.val = evals[self.split]
+        self.real: Tensor = next(iter(self.val))[0][:16]  # real images for the output checks
+        self.rows: list[VariantResult] = []
+        self.report: dict[str, Any] = {"checkpoint": str(checkpoint), "model": cfg.model.name}
+        self.report["eval_split"] = self.split
 
-def _export(model: nn.Module, real: Tensor, ctx: dict[str, Any]) -> dict[str, Any]:
-    from cifar_dist.compress.export import (
-        OrtModel,
-        export_onnx,
-        export_torchscript,
-        load_torchscript,
-        max_abs_diff,
-    )
-    from cifar_dist.compress.report import file_bytes
+    @staticmethod
+    def log(msg: str) -> None:
+        print(f"[compress] {msg}", flush=True)
 
-    opts, out, found = ctx["opts"], ctx["out"], {}
-    rand = torch.randn(7, *real.shape[1:])
-    if opts.export in ("onnx", "both"):
-        path = export_onnx(model, out / "model.onnx", real[:2])
-        ort = OrtModel(path, opts.threads)
-        found["onnx"] = {
-            "path": str(path),
-            "random_b7_max_abs_diff": max_abs_diff(model, ort, rand),
+    def measure(self, name: str, model: nn.Module, **fields: Any) -> None:
+        from cifar_dist.compress.report import accuracy, count_params, latency_ms, state_dict_bytes
+
+        self.log(f"measuring {name} ...")
+        res = accuracy(model, self.val, self.opts.eval_batches)
+        fields.setdefault("size_bytes", state_dict_bytes(model))
+        fields.setdefault("params", count_params(model) or None)
+        latency = latency_ms(model, self.real[:1], self.opts.latency_iters)
+        row = VariantResult(name, latency_ms_b1=latency, acc=res["acc"], loss=res["loss"], **fields)
+        self.rows.append(row)
+
+    def prune(self, model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
+        from cifar_dist.compress.export import save_float_model
+        from cifar_dist.compress.finetune import finetune
+        from cifar_dist.compress.prune import prune_model
+
+        opts = self.opts
+        model, layers = prune_model(model, opts.prune)
+        widths = {name: w["after"] for name, w in layers.items()}
+        self.report["prune"] = {"amount": opts.prune, "layers": layers, "finetune": []}
+        if opts.finetune_epochs > 0:
+            history = finetune(
+                model, self.train_loader, self.cfg, opts.finetune_epochs, lr=opts.finetune_lr,
+                log=self.log,
+            )  # fmt: skip
+            self.report["prune"]["finetune"] = history
+        path = save_float_model(self.out / "model_pruned.pt", model, self.config, widths)
+        note = f"{len(layers)} convs at {opts.prune:g}, {opts.finetune_epochs} ft epochs"
+        self.measure("pruned", model, artifact=path.name, notes=note)
+        return model, widths
+
+    def fuse(self, model: nn.Module, name: str, widths: dict[str, int]) -> nn.Module:
+        from cifar_dist.compress.export import max_abs_diff, save_float_model
+        from cifar_dist.compress.fuse import fuse_bn
+
+        fused, pairs = fuse_bn(model)
+        diff = max_abs_diff(model, fused, self.real)
+        path = save_float_model(self.out / "model_fused.pt", fused, self.config, widths, pairs)
+        self.report["fuse"] = {"pairs": [list(p) for p in pairs], "real_max_abs_diff": diff}
+        self.measure(name, fused, artifact=path.name, notes=f"{len(pairs)} conv+BN folded")
+        return fused
+
+    def int8(self, model: nn.Module, name: str) -> None:
+        from cifar_dist.compress.export import export_torchscript, load_torchscript, max_abs_diff
+        from cifar_dist.compress.quantize import quantize_int8
+        from cifar_dist.compress.report import count_params
+
+        opts, example = self.opts, self.real[:2]
+        calib = (images for images, _ in self.train_loader)
+        qmodel, mode = quantize_int8(model, calib, example, opts.int8_mode, opts.calib_batches)
+        path = export_torchscript(qmodel, self.out / "model_int8.ts", example)
+        diff = max_abs_diff(qmodel, load_torchscript(path), self.real)
+        self.report["int8"] = {"mode": mode, "calib_batches": opts.calib_batches, "backend": "x86"}
+        self.report["int8"]["torchscript_max_abs_diff"] = diff
+        note = mode + (f", {opts.calib_batches} calib batches" if mode == "static" else "")
+        # Packed int8 weights are not nn.Parameters: report the float model's count.
+        self.measure(name, qmodel, artifact=path.name, notes=note, params=count_params(model))
+
+    def export(self, model: nn.Module, name: str) -> None:
+        from cifar_dist.compress import export as ex
+        from cifar_dist.compress.report import file_bytes
+
+        fmt, found = self.opts.export, {}
+        rand = torch.randn(7, *self.real.shape[1:])  # a batch size the export never saw
+        if fmt in ("onnx", "both"):
+            path = ex.export_onnx(model, self.out / "model.onnx", self.real[:2])
+            found["onnx"] = ort = ex.OrtModel(path, self.opts.threads)
+            self.measure(
+                f"onnxruntime ({name})", ort, size_bytes=file_bytes(path), artifact=path.name
+            )
+        if fmt in ("torchscript", "both"):
+            path = ex.export_torchscript(model, self.out / "model.ts", self.real[:2])
+            found["torchscript"] = ex.load_torchscript(path)
+        self.report["export"] = {
+            kind: {
+                "random_b7_max_abs_diff": ex.max_abs_diff(model, exported, rand),
+                "real_max_abs_diff": ex.max_abs_diff(model, exported, self.real),
+            }
+            for kind, exported in found.items()
         }
-        found["onnx"]["real_max_abs_diff"] = max_abs_diff(model, ort, real)
-        name = f"onnxruntime ({ctx['final_name']})"
-        _measure(name, ort, ctx, size_bytes=file_bytes(path), artifact=path.name)
-    if opts.export in ("torchscript", "both"):
-        path = export_torchscript(model, out / "model.ts", real[:2])
-        ts = load_torchscript(path)
-        found["torchscript"] = {
-            "path": str(path),
-            "random_b7_max_abs_diff": max_abs_diff(model, ts, rand),
-        }
-        found["torchscript"]["real_max_abs_diff"] = max_abs_diff(model, ts, real)
-    return found
+
+    def finish(self) -> None:
+        from cifar_dist.compress.report import markdown_report
+
+        self.report["variants"] = [r.to_dict() for r in self.rows]
+        (self.out / "compress_report.json").write_text(json.dumps(self.report, indent=2))
+        (self.out / "compress_report.md").write_text(markdown_report(self.report, self.rows))
+        print(markdown_table(self.rows), flush=True)
+        self.log(f"wrote {self.out}/compress_report.json and compress_report.md")
+
+
+def _preflight(model: nn.Module, opts: argparse.Namespace) -> None:
+    """Refuse an impossible request before minutes of measuring and fine-tuning."""
+    from cifar_dist.compress.fuse import fusable_pairs
+    from cifar_dist.compress.prune import prune_sites
+    from cifar_dist.compress.quantize import default_mode
+
+    if opts.prune:
+        prune_sites(model)
+        if not 0.0 < opts.prune < 1.0:
+            raise CompressError(f"prune: amount must be in (0, 1), got {opts.prune}")
+    if opts.fuse:
+        fusable_pairs(model)
+    if opts.int8 and opts.int8_mode == "static" and default_mode(model) != "static":
+        raise CompressError(
+            f"int8: static quantization does not support {type(model).__name__} "
+            "(LayerNorm/attention have no x86 static int8 kernels); use --int8-mode dynamic"
+        )
 
 
 def run_compress(opts: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
-    from cifar_dist.compress.export import export_torchscript, save_float_model
-    from cifar_dist.compress.report import count_params
-    from cifar_dist.config.load import config_to_dict
-    from cifar_dist.train.fit import build_data
-
+    """Prune (+fine-tune), fuse, quantize and export as asked; returns the report dict."""
     if not (opts.fuse or opts.int8 or opts.prune or opts.export):
         raise CompressError("compress: nothing to do (pass --fuse, --int8, --prune or --export)")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     checkpoint = Path(opts.checkpoint)
     model, cfg = load_trained(checkpoint, overrides, use_ema=not opts.no_ema)
-    out = Path(opts.out) if opts.out else default_out(checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    train_loader, evals, _ = build_data(cfg, 0, 1)
-    split = "val" if "val" in evals else next(iter(evals))
-    real = next(iter(evals[split]))[0][:16]
-    log = lambda msg: print(f"[compress] {msg}", flush=True)  # noqa: E731
-    ctx: dict[str, Any] = {"opts": opts, "out": out, "log": log, "rows": [], "val": evals[split]}
-    ctx.update(num_classes=cfg.data.num_classes, one=real[:1])
-    report: dict[str, Any] = {
-        "checkpoint": str(checkpoint),
-        "model": cfg.model.name,
-        "eval_split": split,
-    }
-    config = config_to_dict(cfg)
-    _measure("fp32", model, ctx, notes="baseline")
+    _preflight(model, opts)
+    run = _Run(opts, cfg, checkpoint)
+    run.measure("fp32", model, notes="baseline")
     widths: dict[str, int] = {}
     if opts.prune:
-        from cifar_dist.compress.finetune import finetune
-        from cifar_dist.compress.prune import prune_model
-
-        model, layers = prune_model(model, opts.prune)
-        widths = {name: w["after"] for name, w in layers.items()}
-        report["prune"] = {"amount": opts.prune, "layers": layers, "finetune": []}
-        if opts.finetune_epochs > 0:
-            history = finetune(
-                model, train_loader, cfg, opts.finetune_epochs, lr=opts.finetune_lr, log=log
-            )
-            report["prune"]["finetune"] = history
-        path = save_float_model(out / "model_pruned.pt", model, config, widths)
-        note = f"{len(layers)} convs at {opts.prune:g}, {opts.finetune_epochs} ft epochs"
-        _measure("pruned", model, ctx, artifact=path.name, notes=note)
-    final, prefix = model, "pruned+" if opts.prune else ""
-    ctx["final_name"] = prefix.rstrip("+") or "fp32"
+        model, widths = run.prune(model)
+    prefix = "pruned+" if opts.prune else ""
+    final, final_name = model, "pruned" if opts.prune else "fp32"
     if opts.fuse:
-        from cifar_dist.compress.export import max_abs_diff
-        from cifar_dist.compress.fuse import fuse_bn
-
-        final, pairs = fuse_bn(model)
-        diff = max_abs_diff(model, final, real)
-        path = save_float_model(out / "model_fused.pt", final, config, widths, pairs)
-        report["fuse"] = {"pairs": [list(p) for p in pairs], "real_max_abs_diff": diff}
-        ctx["final_name"] = f"{prefix}fused"
-        _measure(
-            f"{prefix}fused", final, ctx, artifact=path.name, notes=f"{len(pairs)} conv+BN folded"
-        )
-    if opts.int8:
-        from cifar_dist.compress.quantize import quantize_int8
-
-        calib = (images for images, _ in train_loader)
-        qmodel, mode = quantize_int8(model, calib, real[:2], opts.int8_mode, opts.calib_batches)
-        path = export_torchscript(qmodel, out / "model_int8.ts", real[:2])
-        from cifar_dist.compress.export import load_torchscript, max_abs_diff
-
-        report["int8"] = {"mode": mode, "calib_batches": opts.calib_batches, "backend": "x86"}
-        report["int8"]["torchscript_max_abs_diff"] = max_abs_diff(
-            qmodel, load_torchscript(path), real
-        )
-        note = f"{mode}" + (f", {opts.calib_batches} calib batches" if mode == "static" else "")
-        # Packed int8 weights are not nn.Parameters: report the float model's count.
-        _measure(
-            f"{prefix}int8", qmodel, ctx, artifact=path.name, notes=note, params=count_params(model)
-        )
+        final_name = f"{prefix}fused"
+        final = run.fuse(model, final_name, widths)
+    if opts.int8:  # from the unfused model: prepare_fx fuses conv+BN+ReLU itself
+        run.int8(model, f"{prefix}int8")
     if opts.export:
-        report["export"] = _export(final, real, ctx)
-    rows = ctx["rows"]
-    report["variants"] = [r.to_dict() for r in rows]
-    (out / "compress_report.json").write_text(json.dumps(report, indent=2))
-    table = markdown_table(rows)
-    (out / "compress_report.md").write_text(_markdown(report, table))
-    print(table, flush=True)
-    log(f"wrote {out}/compress_report.json and compress_report.md")
-    return report
-
-
-def _markdown(report: dict[str, Any], table: str) -> str:
-    lines = [
-        f"# Compression report: {report['model']}",
-        "",
-        f"Checkpoint: `{report['checkpoint']}`",
-    ]
-    lines += [
-        f"Accuracy on the `{report['eval_split']}` split; latency at batch 1 on CPU.",
-        "",
-        table,
-    ]
-    if "fuse" in report:
-        lines += [
-            "",
-            f"Fused vs unfused max |Δlogit| on real images: {report['fuse']['real_max_abs_diff']:.2e}",
-        ]
-    for fmt, res in report.get("export", {}).items():
-        lines.append(
-            f"{fmt}: max |Δlogit| vs PyTorch {res['random_b7_max_abs_diff']:.2e} (random, batch 7), "
-            f"{res['real_max_abs_diff']:.2e} (real images)"
-        )
-    if "prune" in report:
-        lines += ["", "Pruned layers (out-channels before -> after):", ""]
-        lines += [
-            f"- `{n}`: {w['before']} -> {w['after']}" for n, w in report["prune"]["layers"].items()
-        ]
-    return "\n".join(lines) + "\n"
+        run.export(final, final_name)
+    run.finish()
+    return run.report
 
 
 def cmd_compress(args: argparse.Namespace, rest: list[str]) -> int:

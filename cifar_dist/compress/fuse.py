@@ -87,18 +87,24 @@ def check_eval_mode(model: nn.Module) -> None:
         )
 
 
-def fuse_bn(model: nn.Module) -> tuple[nn.Module, list[Pair]]:
-    """A fused copy of an eval-mode `model` and the (conv, BN) pairs that were folded."""
+def fusable_pairs(model: nn.Module) -> list[Pair]:
+    """The pairs `fuse_bn` would fold; a CompressError if the model cannot be fused at all."""
     check_eval_mode(model)
     if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         raise CompressError(
             f"fuse: {type(model).__name__} has no BatchNorm2d to fold (GroupNorm/LayerNorm use "
             "per-input statistics and cannot be folded into weights)"
         )
-    fused = copy.deepcopy(model)
-    pairs = find_conv_bn_pairs(fused)
+    pairs = find_conv_bn_pairs(model)
     if not pairs:
         raise CompressError(f"fuse: no conv -> BatchNorm2d pair in {type(model).__name__}")
+    return pairs
+
+
+def fuse_bn(model: nn.Module) -> tuple[nn.Module, list[Pair]]:
+    """A fused copy of an eval-mode `model` and the (conv, BN) pairs that were folded."""
+    fused = copy.deepcopy(model)
+    pairs = fusable_pairs(fused)
     for conv_name, bn_name in pairs:
         conv = fused.get_submodule(conv_name)
         bn = fused.get_submodule(bn_name)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -58,15 +59,28 @@ def throughput(model: Callable[[Tensor], Tensor], images: Tensor, iters: int) ->
     return images.shape[0] / (latency_ms(model, images, iters, warmup=1) / 1000.0)
 
 
+@torch.no_grad()
 def accuracy(
-    model: nn.Module, loader: Iterable[Any], num_classes: int, max_batches: int = 0
+    model: Callable[[Tensor], Tensor], loader: Iterable[Any], max_batches: int = 0
 ) -> dict[str, float]:
-    """Top-1 accuracy and loss of `model` on `loader` (first `max_batches` batches if > 0)."""
-    from cifar_dist.train.metrics import evaluate
+    """Top-1 accuracy and mean cross-entropy on `loader` (first `max_batches` batches if > 0).
 
+    A plain loop rather than train.metrics.evaluate: that one reads the dtype from the model's
+    first parameter, and an ONNX Runtime session or a packed INT8 model may have none.
+    """
+    if isinstance(model, nn.Module):
+        model.eval()
     batches = itertools.islice(loader, max_batches) if max_batches > 0 else loader
-    res = evaluate(model, batches, num_classes, torch.device("cpu"))
-    return {"acc": float(res["acc"]), "loss": float(res["loss"])}
+    correct, loss_sum, seen = 0, 0.0, 0
+    for images, labels in batches:
+        logits = model(images.float()).float()
+        hard = labels if labels.ndim == 1 else labels.argmax(dim=1)
+        correct += int((logits.argmax(dim=1) == hard).sum())
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        seen += len(labels)
+    if seen == 0:
+        raise ValueError("accuracy: the loader yielded no batches")
+    return {"acc": correct / seen, "loss": loss_sum / seen}
 
 
 @dataclass
@@ -118,3 +132,30 @@ def markdown_table(rows: Sequence[VariantResult], baseline: str = "fp32") -> str
         cells += [_fmt(None if r.acc is None else 100 * r.acc, ".2f"), delta, r.notes]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def markdown_report(report: dict[str, Any], rows: Sequence[VariantResult]) -> str:
+    """compress_report.md: the table plus the checks and the pruned layers."""
+    lines = [
+        f"# Compression report: {report['model']}",
+        "",
+        f"Checkpoint: `{report['checkpoint']}`",
+    ]
+    lines += [f"Accuracy on the `{report['eval_split']}` split; latency at batch 1 on CPU.", ""]
+    lines += [markdown_table(rows), ""]
+    if "fuse" in report:
+        diff = report["fuse"]["real_max_abs_diff"]
+        lines.append(f"- fused vs unfused: max |Δlogit| {diff:.2e} on real images")
+    if "int8" in report:
+        diff = report["int8"]["torchscript_max_abs_diff"]
+        lines.append(f"- int8 TorchScript file vs int8 model: max |Δlogit| {diff:.2e}")
+    for kind, res in report.get("export", {}).items():
+        lines.append(
+            f"- {kind} vs PyTorch: max |Δlogit| {res['random_b7_max_abs_diff']:.2e} (random, "
+            f"batch 7), {res['real_max_abs_diff']:.2e} (real images)"
+        )
+    if "prune" in report:
+        lines += ["", "Pruned layers (out-channels before -> after):", ""]
+        for name, w in report["prune"]["layers"].items():
+            lines.append(f"- `{name}`: {w['before']} -> {w['after']}")
+    return "\n".join(lines) + "\n"

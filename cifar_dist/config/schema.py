@@ -169,6 +169,8 @@ class TrainConfig:
     """Use deterministic algorithms (bit-identical resume on CPU; slower on GPU)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Training device; auto picks CUDA when available."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Parameter and input dtype; float64 exists for numerical equivalence checks (slow)."""
     amp: Literal["none", "bf16", "fp16"] = "none"
     """Mixed precision: bf16 autocast (CPU and GPU) or fp16 autocast + GradScaler (GPU only)."""
     compile: bool = False

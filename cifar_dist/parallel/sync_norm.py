@@ -34,7 +34,7 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and self._synced()):
             return super().forward(x)
         c = x.shape[1]
-        xf = x.float()
+        xf = x if x.dtype == torch.float64 else x.float()
         local = torch.cat(
             [xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), xf.new_tensor([x.numel() / c])]
         )
@@ -77,14 +77,13 @@ def convert_sync_batchnorm(
 
 def _convert_cpu(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, CrossRankBatchNorm2d):
+        ref = next(iter(module.parameters()), None)
+        if ref is None:
+            ref = module.running_mean
         new = CrossRankBatchNorm2d(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            process_group=group,
-        ).to(next(iter(module.buffers()), torch.empty(0)).device)
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats, process_group=group,
+        ).to(device=ref.device, dtype=ref.dtype)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new

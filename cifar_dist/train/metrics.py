@@ -57,14 +57,16 @@ def evaluate(
     loss_mean = MeanMetric().to(device)
     cm = MulticlassConfusionMatrix(num_classes).to(device) if confusion else None
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ref = next(model.parameters(), None)  # parameterless wrappers (ONNX Runtime) run in float32
+    dtype = ref.dtype if ref is not None else torch.float32
     for images, labels in loader:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        images = images.to(device, dtype, non_blocking=True).contiguous(memory_format=fmt)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(
             device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
             logits = tta_logits(model, images, tta)
-        logits = logits.float()
+        logits = logits.to(dtype)
         loss_mean.update(F.cross_entropy(logits, labels, reduction="none"))
         metrics.update(logits, labels)
         if cm is not None:

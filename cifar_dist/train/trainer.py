@@ -51,7 +51,8 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
         drop_path=m.drop_path,
     )
     fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
-    return model.to(device=device, memory_format=fmt)
+    dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
+    return model.to(device=device, dtype=dtype, memory_format=fmt)
 
 
 def micro_batch_size(cfg: Config, dp: int) -> int:
@@ -81,6 +82,7 @@ class Trainer:
             raise ConfigError("train.amp: fp16 needs a GPU (GradScaler); use bf16 on CPU")
         torch.manual_seed(cfg.train.seed)  # identical init on every rank
         self.model = build_model(cfg, self.device)
+        self.dtype = next(self.model.parameters()).dtype
         torch.manual_seed(cfg.train.seed + 1 + info.rank)  # per-rank dropout / drop-path streams
         self.train_model = parallelize(self.model, dims, cfg, self.device)
         self.accum = cfg.train.grad_accum
@@ -154,8 +156,10 @@ class Trainer:
         self, images: torch.Tensor, labels: torch.Tensor, sync: bool
     ) -> tuple[float, float]:
         fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        images = images.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=fmt)
         labels = labels.to(self.device, non_blocking=True)
+        if labels.is_floating_point():  # soft labels from mixup/cutmix
+            labels = labels.to(self.dtype)
         no_sync = getattr(self.train_model, "no_sync", None)
         ctx = no_sync() if (no_sync and not sync) else contextlib.nullcontext()
         with ctx:
