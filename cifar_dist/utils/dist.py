@@ -57,8 +57,30 @@ def init_distributed(
             backend=backend,
             timeout=timedelta(seconds=timeout_s),
             device_id=dev if dev.type == "cuda" else None,
+            **_attempt_store(rank, world_size, timeout_s),
         )
     return DistInfo(rank, local_rank, world_size, dev, backend)
+
+
+def _attempt_store(rank: int, world_size: int, timeout_s: float) -> dict[str, object]:
+    """Under torchrun, a store namespace per restart attempt.
+
+    After an elastic restart, gloo on torch 2.13 sometimes reads the previous attempt's peer
+    addresses from torchrun's shared store ("connectFullMesh ... Connection refused" to a dead
+    worker's port, or a hang). Prefixing every key with the attempt number keeps rounds apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefix = f"cifar_dist/attempt_{attempt}"
+    return {"store": dist.PrefixStore(prefix, store), "rank": rank, "world_size": world_size}
 
 
 def destroy_distributed() -> None:
