@@ -30,12 +30,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_once(ranks: int, args: argparse.Namespace, data: Path, runs: Path, tag: str) -> dict:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-        "-m", "cifar_dist", "train", f"--data.dir={data}", "--data.synthetic=2000",
-        "--data.val_size=100", f"--data.batch_size={args.batch}", "--data.num_workers=0",
-        f"--model.name={args.model}", f"--train.max_steps={args.steps}", "--train.epochs=1",
-        f"--train.device={args.device}", "--train.progress=false", "--log.plots=false",
-        "--log.wandb.mode=disabled", f"--log.dir={runs}", f"--log.name={tag}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        "-m",
+        "cifar_dist",
+        "train",
+        f"--data.dir={data}",
+        "--data.synthetic=2000",
+        "--data.val_size=100",
+        f"--data.batch_size={args.batch}",
+        "--data.num_workers=0",
+        f"--model.name={args.model}",
+        f"--train.max_steps={args.steps}",
+        "--train.epochs=1",
+        f"--train.device={args.device}",
+        "--train.progress=false",
+        "--log.plots=false",
+        "--log.wandb.mode=disabled",
+        f"--log.dir={runs}",
+        f"--log.name={tag}",
     ]
     threads = max(1, (os.cpu_count() or 1) // ranks)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -55,10 +71,17 @@ def main() -> int:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--bw-gbs", type=float, nargs="+", default=[25.0, 100.0],
-                    help="all-reduce bus bandwidths to model, GB/s (25 ~ 200 Gb/s IB, 100 ~ NVLink)")
+    ap.add_argument(
+        "--bw-gbs",
+        type=float,
+        nargs="+",
+        default=[25.0, 100.0],
+        help="all-reduce bus bandwidths to model, GB/s (25 ~ 200 Gb/s IB, 100 ~ NVLink)",
+    )
     ap.add_argument("--latency-us", type=float, default=10.0)
-    ap.add_argument("--overlap", type=float, default=0.5, help="fraction of comm hidden by backward")
+    ap.add_argument(
+        "--overlap", type=float, default=0.5, help="fraction of comm hidden by backward"
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,17 +98,21 @@ def main() -> int:
             print(f"ranks={r}: median {measured[r]:.1f} samples/s over {rates}", flush=True)
 
     base = measured[args.ranks[0]]
-    print(f"\nMeasured ({args.device}, {args.model}, global batch {args.batch}, {args.steps} steps, "
-          f"median of {args.repeats}):\n")
+    print(
+        f"\nMeasured ({args.device}, {args.model}, global batch {args.batch}, {args.steps} steps, "
+        f"median of {args.repeats}):\n"
+    )
     print("| ranks | samples/s | speed-up vs 1 | efficiency |\n|---|---|---|---|")
     for r, v in measured.items():
         print(f"| {r} | {v:.1f} | {v / base:.2f}x | {v / base / r * 100:.0f}% |")
 
     grad_bytes = params * 4.0
     t1 = args.batch / base  # seconds per step on one worker, whole global batch
-    print(f"\nAnalytic model: G = {grad_bytes / 1e6:.1f} MB of fp32 gradients, t_compute(B={args.batch}) "
-          f"= {t1 * 1e3:.1f} ms measured on 1 {args.device} worker, overlap {args.overlap:.0%}, "
-          f"latency {args.latency_us:.0f} us per ring hop, compute scales as 1/p (fixed global batch).\n")
+    print(
+        f"\nAnalytic model: G = {grad_bytes / 1e6:.1f} MB of fp32 gradients, t_compute(B={args.batch}) "
+        f"= {t1 * 1e3:.1f} ms measured on 1 {args.device} worker, overlap {args.overlap:.0%}, "
+        f"latency {args.latency_us:.0f} us per ring hop, compute scales as 1/p (fixed global batch).\n"
+    )
     print("| workers | bus bw (GB/s) | compute (ms) | all-reduce (ms) | step (ms) | efficiency |")
     print("|---|---|---|---|---|---|")
     for p in (8, 64):
@@ -93,8 +120,10 @@ def main() -> int:
             comp = t1 / p
             comm = allreduce_s(p, grad_bytes, bw * 1e9, args.latency_us * 1e-6)
             step = comp + (1 - args.overlap) * comm
-            print(f"| {p} | {bw:g} | {comp * 1e3:.2f} | {comm * 1e3:.2f} | {step * 1e3:.2f} | "
-                  f"{comp / step * 100:.0f}% |")
+            print(
+                f"| {p} | {bw:g} | {comp * 1e3:.2f} | {comm * 1e3:.2f} | {step * 1e3:.2f} | "
+                f"{comp / step * 100:.0f}% |"
+            )
     return 0
 
 

@@ -26,8 +26,17 @@ def main() -> int:
     p.add_argument("--name", default=f"bench-main-{datetime.now():%Y%m%d-%H%M%S}")
     p.add_argument("--doc", default=str(REPO / "docs/benchmarks.md"))
     args, overrides = p.parse_known_args()
-    cmd = [sys.executable, "-m", "cifar_dist", "train", "-c", args.config, f"--log.name={args.name}",
-           "--train.progress=false", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cifar_dist",
+        "train",
+        "-c",
+        args.config,
+        f"--log.name={args.name}",
+        "--train.progress=false",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=REPO)
     if proc.returncode != 0:
         return proc.returncode

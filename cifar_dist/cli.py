@@ -17,7 +17,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cifar_dist.train.checkpoint import CheckpointError
     from cifar_dist.train.trainer import NonFiniteError
 
-    return (ConfigError, CompressError, DataError, CheckpointError, NonFiniteError, FileNotFoundError)
+    return (
+        ConfigError,
+        CompressError,
+        DataError,
+        CheckpointError,
+        NonFiniteError,
+        FileNotFoundError,
+    )
 
 
 def _preempted() -> type[BaseException]:

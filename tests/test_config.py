@@ -70,8 +70,19 @@ def test_overrides_parse_yaml_scalars() -> None:
 def test_cli_bad_config_is_one_line(args: list[str], needle: str, tmp_path: Path) -> None:
     """Exit code != 0 and exactly one stderr line naming the key, no traceback."""
     proc = subprocess.run(
-        [sys.executable, "-m", "cifar_dist", "train", "-c", str(REPO / "configs/debug_cpu.yaml"), *args],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "cifar_dist",
+            "train",
+            "-c",
+            str(REPO / "configs/debug_cpu.yaml"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]

@@ -24,15 +24,28 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUN
 
 def torchrun_cmd(nproc: int, *args: str, restarts: int = 0) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        f"--max-restarts={restarts}", "-m", "cifar_dist", *args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={restarts}",
+        "-m",
+        "cifar_dist",
+        *args,
     ]
 
 
-def run_torchrun(nproc: int, *args: str, restarts: int = 0, env: dict | None = None,
-                 timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_cmd(nproc, *args, restarts=restarts), capture_output=True,
-                          text=True, timeout=timeout, env={**ENV, **(env or {})})
+def run_torchrun(
+    nproc: int, *args: str, restarts: int = 0, env: dict | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        torchrun_cmd(nproc, *args, restarts=restarts),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**ENV, **(env or {})},
+    )
 
 
 def cli_args(over: dict[str, object]) -> list[str]:
@@ -49,10 +62,21 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _base(data: Path, runs: Path, name: str, **extra: object) -> dict[str, object]:
-    return tiny_overrides(data, runs, **{
-        "model.name": "airbench_net", "train.max_steps": 20, "train.epochs": 2,
-        "log.every_steps": 1, "log.name": name, "data.crop_padding": 4, "data.flip": True,
-        "optim.momentum": 0.9, **extra})
+    return tiny_overrides(
+        data,
+        runs,
+        **{
+            "model.name": "airbench_net",
+            "train.max_steps": 20,
+            "train.epochs": 2,
+            "log.every_steps": 1,
+            "log.name": name,
+            "data.crop_padding": 4,
+            "data.flip": True,
+            "optim.momentum": 0.9,
+            **extra,
+        },
+    )
 
 
 def assert_same_run(single: Path, ddp: Path, tol: float = 1e-5) -> None:
@@ -74,14 +98,21 @@ def assert_same_run(single: Path, ddp: Path, tol: float = 1e-5) -> None:
     ("model", "single_norm", "ddp_norm", "dtype"),
     [("vit_tiny", "group", "group", "float32"), ("airbench_net", "batch", "sync_batch", "float64")],
 )
-def test_ddp_matches_single_process(synth_cifar10: Path, tmp_path: Path, model: str,
-                                    single_norm: str, ddp_norm: str, dtype: str) -> None:
+def test_ddp_matches_single_process(
+    synth_cifar10: Path, tmp_path: Path, model: str, single_norm: str, ddp_norm: str, dtype: str
+) -> None:
     """2 ranks x 16 == 1 process x 32: per-step loss and final weights (SyncBN vs full-batch BN)."""
     common = {"model.name": model, "train.dtype": dtype}
-    fit(load_config(None, _base(synth_cifar10, tmp_path, "single",
-                                **{"model.norm": single_norm, **common})))
-    proc = run_torchrun(2, "train", *cli_args(_base(synth_cifar10, tmp_path, "ddp",
-                                                    **{"model.norm": ddp_norm, **common})))
+    fit(
+        load_config(
+            None, _base(synth_cifar10, tmp_path, "single", **{"model.norm": single_norm, **common})
+        )
+    )
+    proc = run_torchrun(
+        2,
+        "train",
+        *cli_args(_base(synth_cifar10, tmp_path, "ddp", **{"model.norm": ddp_norm, **common})),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_run(tmp_path / "single", tmp_path / "ddp")
 
@@ -91,8 +122,13 @@ def test_distributed_eval_equals_single(synth_cifar10: Path, tmp_path: Path) -> 
     fit(load_config(None, _base(synth_cifar10, tmp_path, "m", **{"train.max_steps": 5})))
     ckpt = str(tmp_path / "m/checkpoints/last.pt")
     odd = ["--data.val_size=101", "--data.eval_batch_size=20"]
-    single = subprocess.run([sys.executable, "-m", "cifar_dist", "eval", "--checkpoint", ckpt, *odd],
-                            capture_output=True, text=True, timeout=300, env=ENV)
+    single = subprocess.run(
+        [sys.executable, "-m", "cifar_dist", "eval", "--checkpoint", ckpt, *odd],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
     ddp = run_torchrun(2, "eval", "--checkpoint", ckpt, *odd)
     assert single.returncode == 0 and ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = json.loads(single.stdout), json.loads(ddp.stdout)
@@ -102,15 +138,27 @@ def test_distributed_eval_equals_single(synth_cifar10: Path, tmp_path: Path) -> 
     assert round(a["val_acc"] * 101) == pytest.approx(a["val_acc"] * 101, abs=1e-4)
 
 
-def test_elastic_restart_after_sigkill_is_bit_identical(synth_cifar10: Path, tmp_path: Path) -> None:
+def test_elastic_restart_after_sigkill_is_bit_identical(
+    synth_cifar10: Path, tmp_path: Path
+) -> None:
     """Rank 1 is SIGKILLed mid-epoch; torchrun restarts both; the run resumes from its last
     checkpoint and ends with exactly the weights of an uninterrupted 2-rank run."""
-    common = {"train.ckpt_every_steps": 4, "train.resume": "auto", "train.max_steps": 0,
-              "train.epochs": 2, "model.norm": "batch"}
+    common = {
+        "train.ckpt_every_steps": 4,
+        "train.resume": "auto",
+        "train.max_steps": 0,
+        "train.epochs": 2,
+        "model.norm": "batch",
+    }
     clean = run_torchrun(2, "train", *cli_args(_base(synth_cifar10, tmp_path, "clean", **common)))
     assert clean.returncode == 0, clean.stderr[-3000:]
-    faulty = run_torchrun(2, "train", *cli_args(_base(synth_cifar10, tmp_path, "faulty", **common)),
-                          restarts=1, env={"CIFAR_DIST_FAULT": "1:10"})
+    faulty = run_torchrun(
+        2,
+        "train",
+        *cli_args(_base(synth_cifar10, tmp_path, "faulty", **common)),
+        restarts=1,
+        env={"CIFAR_DIST_FAULT": "1:10"},
+    )
     assert faulty.returncode == 0, faulty.stderr[-3000:]
     assert "resumed at epoch 1, step 8" in faulty.stdout + faulty.stderr
     wa, wb = weights(tmp_path / "clean"), weights(tmp_path / "faulty")
@@ -119,13 +167,25 @@ def test_elastic_restart_after_sigkill_is_bit_identical(synth_cifar10: Path, tmp
 
 
 def test_sigterm_leaves_a_loadable_checkpoint(synth_cifar10: Path, tmp_path: Path) -> None:
-    over = _base(synth_cifar10, tmp_path, "term", **{"train.max_steps": 0, "train.epochs": 50,
-                                                     "train.ckpt_every_steps": 0})
-    proc = subprocess.Popen(torchrun_cmd(2, "train", *cli_args(over)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
+    over = _base(
+        synth_cifar10,
+        tmp_path,
+        "term",
+        **{"train.max_steps": 0, "train.epochs": 50, "train.ckpt_every_steps": 0},
+    )
+    proc = subprocess.Popen(
+        torchrun_cmd(2, "train", *cli_args(over)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
     steps = tmp_path / "term/steps.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and not (steps.exists() and len(steps.read_text().splitlines()) >= 3):
+    while time.time() < deadline and not (
+        steps.exists() and len(steps.read_text().splitlines()) >= 3
+    ):
         time.sleep(0.5)
     assert not step_checkpoints(tmp_path / "term/checkpoints")  # nothing saved before the signal
     os.killpg(proc.pid, signal.SIGTERM)
@@ -137,8 +197,13 @@ def test_sigterm_leaves_a_loadable_checkpoint(synth_cifar10: Path, tmp_path: Pat
 
 def test_mesh_mismatch_fails_fast_on_every_rank(synth_cifar10: Path, tmp_path: Path) -> None:
     t0 = time.time()
-    proc = run_torchrun(2, "train", *cli_args(tiny_overrides(synth_cifar10, tmp_path)),
-                        "--parallel.dp=3", timeout=180)
+    proc = run_torchrun(
+        2,
+        "train",
+        *cli_args(tiny_overrides(synth_cifar10, tmp_path)),
+        "--parallel.dp=3",
+        timeout=180,
+    )
     assert proc.returncode != 0
     line = "cifar-dist: error: parallel: dp*tp*pp = 3*1*1 = 3 != world size 2"
     assert (proc.stdout + proc.stderr).count(line) == 2, proc.stderr[-3000:]

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from cifar_dist.config import load_config
-from cifar_dist.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from cifar_dist.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from cifar_dist.train.optim import build_optimizer, build_scheduler, scaled_lr
 
 

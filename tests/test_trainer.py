@@ -29,9 +29,16 @@ def test_memorises_256_images(synth_cifar10: Path, tmp_path: Path) -> None:
     from cifar_dist.train.metrics import evaluate
 
     over = tiny_overrides(
-        synth_cifar10, tmp_path, **{
-            "data.subset": 256, "data.batch_size": 64, "model.name": "airbench_net",
-            "model.norm": "batch", "optim.lr": 0.05, "schedule.name": "onecycle", "train.epochs": 15,
+        synth_cifar10,
+        tmp_path,
+        **{
+            "data.subset": 256,
+            "data.batch_size": 64,
+            "model.name": "airbench_net",
+            "model.norm": "batch",
+            "optim.lr": 0.05,
+            "schedule.name": "onecycle",
+            "train.epochs": 15,
         },
     )
     cfg = load_config(None, over)
@@ -44,8 +51,14 @@ def test_memorises_256_images(synth_cifar10: Path, tmp_path: Path) -> None:
     splits = load_splits(cfg.data)
     # Evaluate on the (un-augmented) training images themselves.
     _, evals = build_loaders(
-        cfg.data, {"train": splits["train"], "memo": splits["train"]}, micro_batch=64, eval_batch=128,
-        rank=0, world_size=1, seed=0, num_classes=10,
+        cfg.data,
+        {"train": splits["train"], "memo": splits["train"]},
+        micro_batch=64,
+        eval_batch=128,
+        rank=0,
+        world_size=1,
+        seed=0,
+        num_classes=10,
     )
     acc = evaluate(model, evals["memo"], 10, torch.device("cpu"))["acc"]
     assert acc >= 0.99, acc
@@ -53,11 +66,23 @@ def test_memorises_256_images(synth_cifar10: Path, tmp_path: Path) -> None:
 
 def test_grad_accumulation_matches_full_batch(synth_cifar10: Path, tmp_path: Path) -> None:
     """4 micro-batches of 8 give the same update as one batch of 32 (GroupNorm: no batch coupling)."""
-    common = {"model.name": "airbench_net", "model.norm": "group", "train.max_steps": 1,
-              "optim.momentum": 0.9}
-    fit(load_config(None, tiny_overrides(synth_cifar10, tmp_path, **common, **{"log.name": "full"})))
-    fit(load_config(None, tiny_overrides(
-        synth_cifar10, tmp_path, **common, **{"log.name": "accum", "train.grad_accum": 4})))
+    common = {
+        "model.name": "airbench_net",
+        "model.norm": "group",
+        "train.max_steps": 1,
+        "optim.momentum": 0.9,
+    }
+    fit(
+        load_config(None, tiny_overrides(synth_cifar10, tmp_path, **common, **{"log.name": "full"}))
+    )
+    fit(
+        load_config(
+            None,
+            tiny_overrides(
+                synth_cifar10, tmp_path, **common, **{"log.name": "accum", "train.grad_accum": 4}
+            ),
+        )
+    )
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "accum")
     init = load_config(None, tiny_overrides(synth_cifar10, tmp_path, **common))
     from cifar_dist.train.trainer import build_model
@@ -72,17 +97,42 @@ def test_grad_accumulation_matches_full_batch(synth_cifar10: Path, tmp_path: Pat
 
 def test_resume_is_bit_identical(synth_cifar10: Path, tmp_path: Path) -> None:
     """Stopping mid-epoch and resuming ends with exactly the weights of an uninterrupted run."""
-    common = {"train.epochs": 2, "model.name": "airbench_net", "model.norm": "batch",
-              "data.crop_padding": 4, "data.flip": True, "schedule.name": "onecycle",
-              "train.ema_decay": 0.9, "log.every_steps": 1}
-    fit(load_config(None, tiny_overrides(synth_cifar10, tmp_path, **common, **{"log.name": "whole"})))
-    fit(load_config(None, tiny_overrides(
-        synth_cifar10, tmp_path, **common, **{"log.name": "split", "train.max_steps": 20})))
+    common = {
+        "train.epochs": 2,
+        "model.name": "airbench_net",
+        "model.norm": "batch",
+        "data.crop_padding": 4,
+        "data.flip": True,
+        "schedule.name": "onecycle",
+        "train.ema_decay": 0.9,
+        "log.every_steps": 1,
+    }
+    fit(
+        load_config(
+            None, tiny_overrides(synth_cifar10, tmp_path, **common, **{"log.name": "whole"})
+        )
+    )
+    fit(
+        load_config(
+            None,
+            tiny_overrides(
+                synth_cifar10, tmp_path, **common, **{"log.name": "split", "train.max_steps": 20}
+            ),
+        )
+    )
     assert load_checkpoint(tmp_path / "split/checkpoints/last.pt")["train_state"]["step"] == 20
-    fit(load_config(None, tiny_overrides(
-        synth_cifar10, tmp_path, **common, **{"log.name": "split", "train.resume": "auto"})))
-    whole, split = load_checkpoint(tmp_path / "whole/checkpoints/last.pt"), load_checkpoint(
-        tmp_path / "split/checkpoints/last.pt")
+    fit(
+        load_config(
+            None,
+            tiny_overrides(
+                synth_cifar10, tmp_path, **common, **{"log.name": "split", "train.resume": "auto"}
+            ),
+        )
+    )
+    whole, split = (
+        load_checkpoint(tmp_path / "whole/checkpoints/last.pt"),
+        load_checkpoint(tmp_path / "split/checkpoints/last.pt"),
+    )
     for k, v in whole["model"].items():
         assert torch.equal(v, split["model"][k]), k
     for k, v in whole["ema"].items():
@@ -94,11 +144,20 @@ def test_resume_is_bit_identical(synth_cifar10: Path, tmp_path: Path) -> None:
 
 def test_nonfinite_steps_stop_the_run(synth_cifar10: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "cifar_dist", "train",
-         *[f"--{k}={v}" for k, v in tiny_overrides(synth_cifar10, tmp_path).items()],
-         "--model.name=airbench_net", "--optim.lr=1e30", "--train.max_nonfinite=3",
-         "--optim.momentum=0.0"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "cifar_dist",
+            "train",
+            *[f"--{k}={v}" for k, v in tiny_overrides(synth_cifar10, tmp_path).items()],
+            "--model.name=airbench_net",
+            "--optim.lr=1e30",
+            "--train.max_nonfinite=3",
+            "--optim.momentum=0.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
     assert "3 consecutive non-finite" in proc.stderr and "Traceback" not in proc.stderr
@@ -106,8 +165,11 @@ def test_nonfinite_steps_stop_the_run(synth_cifar10: Path, tmp_path: Path) -> No
 
 def test_eval_command_reproduces_summary(synth_cifar10: Path, tmp_path: Path) -> None:
     """`cifar-dist eval` of the final checkpoint gives the run's own final metrics (EMA + TTA)."""
-    over = tiny_overrides(synth_cifar10, tmp_path, **{
-        "model.name": "airbench_net", "train.ema_decay": 0.5, "train.tta": True})
+    over = tiny_overrides(
+        synth_cifar10,
+        tmp_path,
+        **{"model.name": "airbench_net", "train.ema_decay": 0.5, "train.tta": True},
+    )
     summary = fit(load_config(None, over))
     from cifar_dist.train.eval_checkpoint import evaluate_checkpoint
 
@@ -119,15 +181,34 @@ def test_eval_command_reproduces_summary(synth_cifar10: Path, tmp_path: Path) ->
 
 def test_cli_debug_config_writes_run_directory(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "cifar_dist", "train", "-c", str(REPO / "configs/debug_cpu.yaml"),
-         f"--data.dir={tmp_path / 'data'}", f"--log.dir={tmp_path / 'runs'}", "--log.name=dbg"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "cifar_dist",
+            "train",
+            "-c",
+            str(REPO / "configs/debug_cpu.yaml"),
+            f"--data.dir={tmp_path / 'data'}",
+            f"--log.dir={tmp_path / 'runs'}",
+            "--log.name=dbg",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
         env={**__import__("os").environ, "WANDB_MODE": "offline"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs/dbg"
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt",
-                 "curves.png", "lr_schedule.png", "confusion_matrix.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoints/last.pt",
+        "curves.png",
+        "lr_schedule.png",
+        "confusion_matrix.png",
+    ):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     for key in ("val_acc", "test_acc", "wall_s", "samples_per_s", "git_sha"):

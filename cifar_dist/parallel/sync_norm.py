@@ -81,8 +81,12 @@ def _convert_cpu(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Modul
         if ref is None:
             ref = module.running_mean
         new = CrossRankBatchNorm2d(
-            module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, process_group=group,
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group=group,
         ).to(device=ref.device, dtype=ref.dtype)
         new.load_state_dict(module.state_dict())
         new.train(module.training)

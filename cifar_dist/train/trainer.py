@@ -255,7 +255,9 @@ class Trainer:
             st.step_in_epoch += 1
             st.lr_trace.append(lr)
             if st.step % cfg.log.every_steps == 0:  # same step on every rank: all-reduce is safe
-                mean_loss = all_reduce_sum(sum(losses) / len(losses), self.device) / self.info.world_size
+                mean_loss = (
+                    all_reduce_sum(sum(losses) / len(losses), self.device) / self.info.world_size
+                )
                 self.sink.log(
                     {"step/loss": mean_loss, "step/lr": lr, "step/grad_norm": norm},
                     st.step,
