@@ -80,14 +80,36 @@ def main() -> int:
     )
     ap.add_argument("--latency-us", type=float, default=10.0)
     ap.add_argument(
+        "--assume-img-s",
+        type=float,
+        nargs="*",
+        default=[140000.0],
+        help="one-GPU training rates to model too (140k img/s ~ airbench on an A100)",
+    )
+    ap.add_argument(
+        "--model-only",
+        type=float,
+        nargs=2,
+        metavar=("IMG_S", "PARAMS"),
+        help="skip measuring: model a worker at IMG_S samples/s with PARAMS parameters",
+    )
+    ap.add_argument(
         "--overlap", type=float, default=0.5, help="fraction of comm hidden by backward"
     )
     args = ap.parse_args()
 
+    if args.model_only:
+        rate, n = args.model_only
+        for label, r in {
+            "given worker": rate,
+            **{f"assumed GPU at {v:g} img/s": v for v in args.assume_img_s},
+        }.items():
+            model_table(label, r, n * 4.0, args)
+        return 0
+    measured: dict[int, float] = {}
+    params = 0
     with tempfile.TemporaryDirectory() as tmp:
         data, runs = Path(tmp) / "data", Path(tmp) / "runs"
-        measured: dict[int, float] = {}
-        params = 0
         for r in args.ranks:
             rates = []
             for i in range(args.repeats):
@@ -105,13 +127,19 @@ def main() -> int:
     print("| ranks | samples/s | speed-up vs 1 | efficiency |\n|---|---|---|---|")
     for r, v in measured.items():
         print(f"| {r} | {v:.1f} | {v / base:.2f}x | {v / base / r * 100:.0f}% |")
+    workers = {f"measured 1-rank {args.device}": base}
+    workers.update({f"assumed GPU at {v:g} img/s": v for v in args.assume_img_s})
+    for label, rate in workers.items():
+        model_table(label, rate, params * 4.0, args)
+    return 0
 
-    grad_bytes = params * 4.0
-    t1 = args.batch / base  # seconds per step on one worker, whole global batch
+
+def model_table(label: str, img_s: float, grad_bytes: float, args: argparse.Namespace) -> None:
+    t1 = args.batch / img_s  # seconds per step on one worker, whole global batch
     print(
-        f"\nAnalytic model: G = {grad_bytes / 1e6:.1f} MB of fp32 gradients, t_compute(B={args.batch}) "
-        f"= {t1 * 1e3:.1f} ms measured on 1 {args.device} worker, overlap {args.overlap:.0%}, "
-        f"latency {args.latency_us:.0f} us per ring hop, compute scales as 1/p (fixed global batch).\n"
+        f"\nAnalytic model, worker = {label}: G = {grad_bytes / 1e6:.1f} MB fp32 gradients, "
+        f"t_compute(B={args.batch}) = {t1 * 1e3:.2f} ms, overlap {args.overlap:.0%}, latency "
+        f"{args.latency_us:.0f} us per ring hop, compute scales as 1/p (fixed global batch).\n"
     )
     print("| workers | bus bw (GB/s) | compute (ms) | all-reduce (ms) | step (ms) | efficiency |")
     print("|---|---|---|---|---|---|")
@@ -121,7 +149,7 @@ def main() -> int:
             comm = allreduce_s(p, grad_bytes, bw * 1e9, args.latency_us * 1e-6)
             step = comp + (1 - args.overlap) * comm
             print(
-                f"| {p} | {bw:g} | {comp * 1e3:.2f} | {comm * 1e3:.2f} | {step * 1e3:.2f} | "
+                f"| {p} | {bw:g} | {comp * 1e3:.3f} | {comm * 1e3:.3f} | {step * 1e3:.3f} | "
                 f"{comp / step * 100:.0f}% |"
             )
     return 0

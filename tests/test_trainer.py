@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -217,3 +218,43 @@ def test_cli_debug_config_writes_run_directory(tmp_path: Path) -> None:
     assert len((run / "metrics.jsonl").read_text().splitlines()) == cfg.train.epochs
     assert list(run.glob("wandb/offline-run-*")), "W&B offline run directory missing"
     assert "wandb sync" in proc.stdout + proc.stderr
+
+
+def test_early_stopping_on_flat_validation_loss(synth_cifar10: Path, tmp_path: Path) -> None:
+    """lr ~ 0 and GroupNorm (no running stats): val loss never improves after epoch 1, so with
+    patience 2 the run stops after epoch 3 of 6."""
+    over = tiny_overrides(
+        synth_cifar10,
+        tmp_path,
+        **{
+            "model.name": "airbench_net",
+            "optim.lr": 1e-12,
+            "train.epochs": 6,
+            "train.early_stopping": 2,
+            "data.subset": 64,
+        },
+    )
+    summary = fit(load_config(None, over))
+    lines = (tmp_path / "t/metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and summary["epochs"] == 3
+
+
+def test_bf16_autocast_channels_last_steps(synth_cifar10: Path, tmp_path: Path) -> None:
+    """The CPU mixed-precision path trains: finite loss, weights move, metrics computed."""
+    over = tiny_overrides(
+        synth_cifar10,
+        tmp_path,
+        **{
+            "model.name": "vit_tiny",
+            "train.amp": "bf16",
+            "train.channels_last": True,
+            "train.max_steps": 2,
+            "log.every_steps": 1,
+        },
+    )
+    summary = fit(load_config(None, over))
+    losses = [
+        json.loads(x)["step/loss"] for x in (tmp_path / "t/steps.jsonl").read_text().splitlines()
+    ]
+    assert len(losses) == 2 and all(math.isfinite(v) and v < 10 for v in losses)
+    assert 0.0 <= summary["val_acc"] <= 1.0
