@@ -63,6 +63,11 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
         )
         print(f"wrote synthetic {args.dataset} files to {out}")
         return 0
+    if args.data_cmd == "beton":
+        from cifar_dist.data.ffcv_loader import write_betons
+
+        print(write_betons(load_config(args.config, rest).data))
+        return 0
     overrides = list(rest)
     if args.data_cmd == "import":
         overrides += [f"--data.source={args.source}"] if args.source else []
@@ -86,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist"
     )
-    d = sub.add_parser("data", help="import, synthesise or verify datasets")
+    d = sub.add_parser("data", help="import, verify, synthesise datasets or write FFCV betons")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     imp = dsub.add_parser(
         "import", help="convert a source (image folder/tars or canonical files) to the array store"
@@ -100,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("-c", "--config")
     ver = dsub.add_parser("verify", help="check the array store (counts, classes, checksums)")
     ver.add_argument("-c", "--config")
+    bet = dsub.add_parser("beton", help="write FFCV .beton files from the array store")
+    bet.add_argument("-c", "--config")
     syn = dsub.add_parser(
         "synth", help="write small learnable synthetic files in the canonical format"
     )

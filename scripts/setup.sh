@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create ./.venv with the pinned torch/torchvision pair, then install cifar-dist (editable) with extras.
-# Usage: bash scripts/setup.sh [EXTRAS]   (default extras: dev,wandb,compress; e.g. "all")
+# Usage: bash scripts/setup.sh [EXTRAS]   (default: $CIFAR_DIST_EXTRAS, else dev,wandb,compress)
 # torch and torchvision are installed together in an --isolated pip call: on machines whose pip is
 # configured with a local CPU-only torch wheel, that wheel cannot be paired with the registry's
 # torchvision (see docs/install.md). Every later install is constrained to the same pair.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${1:-dev,wandb,compress}
+EXTRAS=${1:-${CIFAR_DIST_EXTRAS:-dev,wandb,compress}}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 want='import torch, torchvision; assert torch.__version__.split("+")[0] == "2.13.0"; assert torchvision.__version__.split("+")[0] == "0.28.0"'
 if ! .venv/bin/python -c "$want" 2>/dev/null; then

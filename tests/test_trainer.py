@@ -258,3 +258,27 @@ def test_bf16_autocast_channels_last_steps(synth_cifar10: Path, tmp_path: Path) 
     ]
     assert len(losses) == 2 and all(math.isfinite(v) and v < 10 for v in losses)
     assert 0.0 <= summary["val_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("loader", ["device", "ffcv"])
+def test_fast_loaders_train_end_to_end(synth_cifar10: Path, tmp_path: Path, loader: str) -> None:
+    """data.loader=device|ffcv is wired through fit(): trains, evaluates, checkpoints."""
+    if loader == "ffcv":
+        pytest.importorskip("ffcv", reason="ffcv extra not installed (needs libturbojpeg/OpenCV)")
+    extra = {"data.flip_mode": "alternating"} if loader == "device" else {}
+    over = tiny_overrides(
+        synth_cifar10,
+        tmp_path,
+        **{
+            "model.name": "airbench_net",
+            "data.loader": loader,
+            "data.cutout": 8,
+            "data.flip": True,
+            "data.crop_padding": 2,
+            "train.max_steps": 3,
+            **extra,
+        },
+    )
+    summary = fit(load_config(None, over))
+    assert summary["steps"] == 3 and 0.0 <= summary["val_acc"] <= 1.0
+    assert load_checkpoint(tmp_path / "t/checkpoints/last.pt")["train_state"]["step"] == 3

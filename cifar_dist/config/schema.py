@@ -57,6 +57,17 @@ class DataConfig:
     """Pixels of padding for the random crop (0 = no crop)."""
     flip: bool = True
     """Random horizontal flip."""
+    flip_mode: Literal["random", "alternating"] = "random"
+    """With flip: random = a fair coin per image per epoch; alternating = each image mirrored in
+    every other epoch (airbench; loader=device only)."""
+    cutout: int = 0
+    """Side in pixels of a square cut out of each training image and filled with the dataset
+    mean (loader=device|ffcv; 0 = off)."""
+    randaugment_group: int = 16
+    """loader=device: images that share one RandAugment draw (1 = per image; larger = faster)."""
+    ffcv_order: Literal["random", "quasi_random"] = "random"
+    """loader=ffcv: random = exact DistributedSampler shards, resumable; quasi_random = FFCV's
+    page-local order, one process only."""
     randaugment: bool = False
     """RandAugment (transforms.v2) on the training images."""
     randaugment_magnitude: int = 9
@@ -80,6 +91,20 @@ class DataConfig:
         )
         _check(self.mixup_alpha >= 0, "data.mixup_alpha", "must be >= 0")
         _check(self.cutmix_alpha >= 0, "data.cutmix_alpha", "must be >= 0")
+        _check(0 <= self.cutout <= 32, "data.cutout", "must be in 0..32")
+        _check(self.randaugment_group >= 1, "data.randaugment_group", "must be >= 1")
+        if self.loader == "torch":
+            _check(self.cutout == 0, "data.cutout", "needs data.loader=device or ffcv")
+            _check(
+                self.flip_mode == "random", "data.flip_mode", "alternating needs data.loader=device"
+            )
+        if self.loader == "ffcv":
+            _check(
+                not self.randaugment, "data.randaugment", "is not available with data.loader=ffcv"
+            )
+            _check(
+                self.flip_mode == "random", "data.flip_mode", "alternating needs data.loader=device"
+            )
 
     @property
     def num_classes(self) -> int:

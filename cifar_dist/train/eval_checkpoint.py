@@ -29,7 +29,7 @@ def evaluate_checkpoint(
         model = build_model(cfg, info.device)
         weights = _ema_weights(ckpt["ema"]) if use_ema and ckpt.get("ema") else ckpt["model"]
         model.load_state_dict(weights)
-        _, loaders, _ = build_data(cfg, info.rank, info.world_size)
+        _, loaders, _ = build_data(cfg, info.rank, info.world_size, info.device)
         out: dict[str, float] = {}
         for split, loader in loaders.items():
             res = evaluate(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from cifar_dist.config.load import config_to_dict, dump_config
-from cifar_dist.config.schema import Config, ConfigError
+from cifar_dist.config.schema import Config
 from cifar_dist.logging.sinks import build_sinks
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -50,31 +50,42 @@ def ensure_synthetic(cfg: Config) -> None:
     barrier()
 
 
-def build_data(cfg: Config, dp_rank: int, dp: int) -> tuple[Any, dict[str, Any], list[str]]:
+def build_data(
+    cfg: Config, dp_rank: int, dp: int, device: torch.device | None = None
+) -> tuple[Any, dict[str, Any], list[str]]:
+    """(train loader, {split: eval loader}, class names) for this data-parallel rank."""
     from cifar_dist.data import load_splits
 
     ensure_synthetic(cfg)
     splits = load_splits(cfg.data)
     classes = list(getattr(splits, "classes", []) or [])
-    micro = micro_batch_size(cfg, dp)
-    eval_batch = max(1, cfg.data.eval_batch_size // dp)
+    kwargs: dict[str, Any] = {
+        "micro_batch": micro_batch_size(cfg, dp),
+        "eval_batch": max(1, cfg.data.eval_batch_size // dp),
+        "rank": dp_rank,
+        "world_size": dp,
+        "seed": cfg.train.seed,
+        "num_classes": cfg.data.num_classes,
+    }
     if cfg.data.loader == "torch":
         from cifar_dist.data.loaders import build_loaders
 
-        train, evals = build_loaders(
-            cfg.data,
-            splits,
-            micro_batch=micro,
-            eval_batch=eval_batch,
-            rank=dp_rank,
-            world_size=dp,
-            seed=cfg.train.seed,
-            num_classes=cfg.data.num_classes,
-        )
+        train, evals = build_loaders(cfg.data, splits, **kwargs)
+        return train, evals, classes
+    device = device or torch.device("cpu")
+    placement = {
+        "device": device,
+        "dtype": torch.float64 if cfg.train.dtype == "float64" else torch.float32,
+        "channels_last": cfg.train.channels_last,
+    }
+    if cfg.data.loader == "device":
+        from cifar_dist.data.device_loader import build_device_loaders
+
+        train, evals = build_device_loaders(cfg.data, splits, **kwargs, **placement)
     else:
-        raise ConfigError(
-            f"data.loader: {cfg.data.loader!r} is not available in this version (use torch)"
-        )
+        from cifar_dist.data.ffcv_loader import build_ffcv_loaders
+
+        train, evals = build_ffcv_loaders(cfg.data, splits, **kwargs, **placement)
     return train, evals, classes
 
 
@@ -159,7 +170,7 @@ def run_training(cfg: Config, info: DistInfo) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
     barrier()
-    train_loader, eval_loaders, classes = build_data(cfg, info.rank, dims.dp)
+    train_loader, eval_loaders, classes = build_data(cfg, info.rank, dims.dp, info.device)
     sink = build_sinks(cfg, run_dir, info.is_main, config_to_dict(cfg))
     try:
         trainer = Trainer(cfg, info, dims, (train_loader, eval_loaders), run_dir, sink)

@@ -1,0 +1,245 @@
+"""Device-resident loader: the whole split as one uint8 tensor on the training device.
+
+Same BatchSource interface and sharding as the DataLoader path (`loaders.py`): rank r keeps
+batches of perm[r : (n // w) * w : w] where perm = torch.randperm(n) from a CPU generator seeded
+with seed + epoch (DistributedSampler(shuffle=True, drop_last=True) semantics, identical indices
+to `ResumableSampler`), whole optimiser steps per epoch. Augmentation is batch-wise tensor work
+on the device (`gpu_augment.py`); its random parameters are drawn for the whole epoch at once
+from a device `torch.Generator` seeded from (seed, epoch, rank), so `set_start_batch(k)` yields
+exactly batches k.. of the full epoch and ranks draw different streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.transforms import v2
+
+from cifar_dist.config.schema import DataConfig
+from cifar_dist.data.augment import batch_mixer, mix_seed, seeded_cpu_rng
+from cifar_dist.data.gpu_augment import (
+    AugParams,
+    Normalise,
+    alternating_flip,
+    cutout_,
+    draw_params,
+    gather_crop_flip,
+    load_store,
+    randaugment_grouped,
+)
+from cifar_dist.data.loaders import ArraySplitLike
+
+# Stream tags. _BATCH matches loaders.py, so MixUp/CutMix draw the same lambdas/boxes per
+# (seed, epoch, batch, rank) on both paths.
+_BATCH, _AUG, _FLIP, _RANDAUG = 1, 3, 4, 5
+
+
+def _labels(labels: np.ndarray, device: torch.device) -> Tensor:
+    # np.array copies: from_numpy on a read-only memmap would warn and share it.
+    return torch.from_numpy(np.array(labels, dtype=np.int64)).to(device)
+
+
+def train_batches(cfg: DataConfig, n: int, micro_batch: int, world_size: int) -> int:
+    """Per-rank micro-batches per epoch, with the checks and rounding of `build_loaders`."""
+    per_step = micro_batch * world_size
+    if micro_batch < 1 or world_size < 1:
+        raise ValueError(f"bad loader arguments: {micro_batch=} {world_size=}")
+    if cfg.batch_size % per_step:
+        raise ValueError(f"data.batch_size={cfg.batch_size} is not a multiple of {per_step=}")
+    if n < cfg.batch_size:
+        raise ValueError(
+            f"train split has {n} images, fewer than one global batch "
+            f"(data.batch_size={cfg.batch_size})"
+        )
+    accum = cfg.batch_size // per_step
+    # Whole optimiser steps only: a trailing partial step would leave gradients never applied.
+    return (n // world_size) // (micro_batch * accum) * accum
+
+
+def shard_indices(n: int, seed: int, epoch: int, rank: int, world_size: int) -> Tensor:
+    """This rank's DistributedSampler(shuffle=True, drop_last=True) shard of epoch `epoch` (CPU)."""
+    g = torch.Generator().manual_seed(seed + epoch)  # exactly DistributedSampler's permutation
+    perm = torch.randperm(n, generator=g)
+    return perm[rank : (n // world_size) * world_size : world_size]
+
+
+class DeviceTrainLoader:
+    """BatchSource over a device-resident uint8 split; yields normalised images on the device.
+
+    Images: `dtype` NCHW (channels_last memory if asked); labels int64 (B,), or soft float32
+    (B, C) with MixUp/CutMix. `set_start_batch(k)` is one-shot, as on the DataLoader path.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        split: ArraySplitLike,
+        *,
+        micro_batch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_classes: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        n = len(split.labels)
+        self.n, self.micro, self.rank, self.world = n, micro_batch, rank, world_size
+        self.seed, self.num_batches = seed, train_batches(cfg, n, micro_batch, world_size)
+        self.device, self.norm = torch.device(device), Normalise(cfg.dataset, dtype, channels_last)
+        self.pad, self.flip, self.cutout = cfg.crop_padding, cfg.flip, getattr(cfg, "cutout", 0)
+        self.store = load_store(split.images, self.pad, self.device)
+        self.labels = _labels(split.labels, self.device)
+        self.flip_base: Tensor | None = None
+        if cfg.flip and getattr(cfg, "flip_mode", "random") == "alternating":
+            g = torch.Generator(self.device).manual_seed(mix_seed(seed, _FLIP))  # rank-free
+            self.flip_base = torch.rand(n, generator=g, device=self.device) < 0.5
+        self.randaugment: v2.RandAugment | None = None
+        if cfg.randaugment:
+            self.randaugment = v2.RandAugment(magnitude=cfg.randaugment_magnitude)
+        self.randaugment_group: int = getattr(cfg, "randaugment_group", 16)
+        self.mixer = batch_mixer(cfg, num_classes)
+        self.epoch, self._start = 0, 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_start_batch(self, batch: int) -> None:
+        if not 0 <= batch <= len(self):
+            raise ValueError(f"start batch {batch} is not in 0..{len(self)}")
+        self._start = batch
+
+    def epoch_plan(self, epoch: int) -> tuple[Tensor, AugParams]:
+        """This rank's sample indices for the epoch's kept batches and their random parameters."""
+        kept = self.num_batches * self.micro
+        cpu_idx = shard_indices(self.n, self.seed, epoch, self.rank, self.world)[:kept]
+        idx = cpu_idx.to(self.device)
+        g = torch.Generator(self.device).manual_seed(mix_seed(self.seed, epoch, self.rank, _AUG))
+        if not self.flip:
+            flip: Tensor | None = torch.zeros(kept, dtype=torch.bool, device=self.device)
+        elif self.flip_base is not None:
+            flip = alternating_flip(self.flip_base, idx, epoch)
+        else:
+            flip = None
+        return idx, draw_params(kept, self.pad, flip=flip, generator=g, device=self.device)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        start, self._start = self._start, 0
+        return self._batches(start, self.epoch)
+
+    def _batches(self, start: int, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        idx, params = self.epoch_plan(epoch)
+        for b in range(start, self.num_batches):
+            sl = slice(b * self.micro, (b + 1) * self.micro)
+            yield self.batch(idx[sl], params[sl], epoch, b)
+
+    def batch(self, idx: Tensor, params: AugParams, epoch: int, b: int) -> tuple[Tensor, Tensor]:
+        """Micro-batch `b` of `epoch` from its sample indices and parameters."""
+        images = gather_crop_flip(self.store, idx, params).permute(0, 3, 1, 2)  # NCHW view
+        if self.randaugment is not None:
+            with seeded_cpu_rng(mix_seed(self.seed, epoch, b, self.rank, _RANDAUG)):
+                images = randaugment_grouped(images, self.randaugment, self.randaugment_group)
+        out = self.norm(images)
+        if self.cutout > 0:
+            cutout_(out, params.cy, params.cx, self.cutout)
+        labels = self.labels[idx]
+        if self.mixer is not None:
+            # Lambdas/boxes from the CPU RNG seeded per (seed, epoch, batch, rank): resumable, and
+            # the same draws as the DataLoader path; the mixing itself runs on the device.
+            with seeded_cpu_rng(mix_seed(self.seed, epoch, b, self.rank, _BATCH)):
+                out, labels = self.mixer(out, labels)
+        return out, labels
+
+
+class DeviceEvalLoader:
+    """Unaugmented normalised batches of this rank's exact shard range(rank, n, world), on device.
+
+    Only the shard is copied to the device. Shard sizes differ by at most one across ranks, so
+    reduce metric sums and counts, not per-rank means (as with `EvalLoader`).
+    """
+
+    def __init__(
+        self,
+        split: ArraySplitLike,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        dataset: str,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+    ) -> None:
+        if not 0 <= rank < world_size or batch_size < 1:
+            raise ValueError(f"bad eval loader arguments: {rank=} {world_size=} {batch_size=}")
+        self.store = load_store(split.images[rank::world_size], 0, torch.device(device))
+        self.labels = _labels(split.labels[rank::world_size], torch.device(device))
+        self.batch_size, self.norm = batch_size, Normalise(dataset, dtype, channels_last)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for i in range(0, self.num_samples, self.batch_size):
+            images = self.store[i : i + self.batch_size].permute(0, 3, 1, 2)
+            yield self.norm(images), self.labels[i : i + self.batch_size]
+
+
+def build_device_loaders(
+    cfg: DataConfig,
+    splits: Mapping[str, ArraySplitLike],
+    *,
+    micro_batch: int,
+    eval_batch: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    num_classes: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> tuple[DeviceTrainLoader, dict[str, DeviceEvalLoader]]:
+    """`build_loaders` for the device-resident path: same arguments, plus where and how images
+    are yielded. `seed` must be the base seed, the same on every rank (it fixes the permutation).
+    """
+    if "train" not in splits:
+        raise ValueError(f"no 'train' split among {sorted(splits)}")
+    if eval_batch < 1:
+        raise ValueError(f"bad loader arguments: {eval_batch=}")
+    fmt = dict(device=device, dtype=dtype, channels_last=channels_last)
+    train = DeviceTrainLoader(
+        cfg,
+        splits["train"],
+        micro_batch=micro_batch,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        num_classes=num_classes,
+        **fmt,  # type: ignore[arg-type]
+    )
+    evals = {
+        name: DeviceEvalLoader(
+            split,
+            batch_size=eval_batch,
+            rank=rank,
+            world_size=world_size,
+            dataset=cfg.dataset,
+            **fmt,  # type: ignore[arg-type]
+        )
+        for name, split in splits.items()
+        if name != "train"
+    }
+    return train, evals
