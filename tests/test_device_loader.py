@@ -43,6 +43,7 @@ def data_cfg(**kw: object) -> DataConfig:
     """DataConfig with the device-loader fields (cutout, flip_mode, randaugment_group) set even
     before the schema declares them (the loader reads them with getattr and a default)."""
     known = {f.name for f in fields(DataConfig)}
+    kw = {"loader": "device", **kw}
     cfg = DataConfig(**{k: v for k, v in kw.items() if k in known})  # type: ignore[arg-type]
     for k, v in kw.items():
         if k not in known:
