@@ -159,6 +159,11 @@ def preemption_handlers(trainer: Trainer) -> Iterator[None]:
             signal.signal(s, h)
 
 
+def trainer_class(cfg: Config, dims: ParallelDims) -> type[Trainer]:
+    """The training strategy for this layout: a Trainer subclass overrides its hooks."""
+    return Trainer
+
+
 def run_training(cfg: Config, info: DistInfo) -> dict[str, Any]:
     wall0 = time.perf_counter()
     if cfg.train.threads:
@@ -173,7 +178,8 @@ def run_training(cfg: Config, info: DistInfo) -> dict[str, Any]:
     train_loader, eval_loaders, classes = build_data(cfg, info.rank, dims.dp, info.device)
     sink = build_sinks(cfg, run_dir, info.is_main, config_to_dict(cfg))
     try:
-        trainer = Trainer(cfg, info, dims, (train_loader, eval_loaders), run_dir, sink)
+        trainer_cls = trainer_class(cfg, dims)
+        trainer = trainer_cls(cfg, info, dims, (train_loader, eval_loaders), run_dir, sink)
         ckpt = _find_resume(cfg, run_dir, info.device)
         if ckpt is not None:
             trainer.load_state_dict(ckpt)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,26 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite losses or gradient norms."""
+
+
+@dataclass
+class StepResult:
+    """What one optimiser step reports back to the epoch loop (this rank's view)."""
+
+    lr: float
+    losses: list[float] = field(default_factory=list)
+    """Mean loss of each micro-batch."""
+    loss_sum: float = 0.0
+    """Sum over samples of the loss (for the epoch mean)."""
+    correct: float = 0.0
+    seen: int = 0
+    grad_norm: float = 0.0
+
+    def add(self, loss: float, correct: float, n: int) -> None:
+        self.losses.append(loss)
+        self.loss_sum += loss * n
+        self.correct += correct
+        self.seen += n
 
 
 class Preempted(RuntimeError):
@@ -84,26 +106,46 @@ class Trainer:
         self.model = build_model(cfg, self.device)
         self.dtype = next(self.model.parameters()).dtype
         torch.manual_seed(cfg.train.seed + 1 + info.rank)  # per-rank dropout / drop-path streams
-        self.train_model = parallelize(self.model, dims, cfg, self.device)
         self.accum = cfg.train.grad_accum
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
             raise ConfigError("data.batch_size: larger than the training split")
-        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.data.batch_size)
-        self.scheduler = build_scheduler(
-            self.optimizer, cfg.schedule, self.steps_per_epoch, cfg.train.epochs
-        )
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
-        self.ema = None
-        if cfg.train.ema_decay > 0:
-            self.ema = AveragedModel(
-                self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True
-            )
+        self.ema: AveragedModel | None = None
+        self.setup_parallel()
+        self.setup_optim()
         self.state = TrainState()
         self.signal_received: int | None = None  # set by a SIGTERM/SIGUSR1 handler (pre-emption)
         self.stop_requested = (
             False  # the all-ranks decision derived from it, taken at a step boundary
         )
+
+    # ----- hooks a strategy (pipeline, DeepSpeed) overrides -----------------------------------
+    def setup_parallel(self) -> None:
+        """Wrap `self.model` for the parallel layout; sets `self.train_model` (what forward calls)."""
+        self.train_model = parallelize(self.model, self.dims, self.cfg, self.device)
+
+    def setup_optim(self) -> None:
+        """Optimiser, LR schedule and EMA over `self.model`'s parameters."""
+        cfg = self.cfg
+        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.data.batch_size)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.schedule, self.steps_per_epoch, cfg.train.epochs
+        )
+        if cfg.train.ema_decay > 0:
+            self.ema = AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True
+            )
+
+    def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        """One optimiser step over `grad_accum` micro-batches drawn from `batches`."""
+        out = StepResult(lr=self.optimizer.param_groups[0]["lr"])
+        for i in range(self.accum):
+            images, labels = next(batches)
+            loss, correct = self._micro_step(images, labels, sync=i == self.accum - 1)
+            out.add(loss, correct, labels.shape[0])
+        out.grad_norm = self._optimizer_step(out.losses)
+        return out
 
     # ----- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -240,17 +282,12 @@ class Trainer:
             and not self._max_steps_reached()
             and not self.stop_requested
         ):
-            losses = []
-            for i in range(self.accum):
-                images, labels = next(batches)
-                loss, correct = self._micro_step(images, labels, sync=i == self.accum - 1)
-                losses.append(loss)
-                st.epoch_correct += correct
-                st.epoch_seen += labels.shape[0]
-                st.epoch_loss_sum += loss * labels.shape[0]
-                st.train_samples += labels.shape[0]
-            lr = self.optimizer.param_groups[0]["lr"]
-            norm = self._optimizer_step(losses)
+            out = self.train_step(batches)
+            st.epoch_correct += out.correct
+            st.epoch_seen += out.seen
+            st.epoch_loss_sum += out.loss_sum
+            st.train_samples += out.seen
+            losses, lr, norm = out.losses, out.lr, out.grad_norm
             st.step += 1
             st.step_in_epoch += 1
             st.lr_trace.append(lr)
