@@ -257,12 +257,72 @@ class ParallelConfig:
     """DDP: broadcast rank 0's buffers (BatchNorm running stats) every forward."""
     gradient_as_bucket_view: bool = True
     """DDP: gradients alias the communication buckets (saves one copy)."""
+    dp_mode: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Data parallelism over the dp mesh dimension: ddp (replicated weights, all-reduced
+    gradients) or fsdp (FSDP2 `fully_shard`: sharded weights, gradients and optimiser state).
+    auto = fsdp when tp > 1 (DDP cannot hold DTensor parameters), else ddp."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    """Pipeline schedule (torch.distributed.pipelining): gpipe (all forwards, then all
+    backwards), 1f1b (one forward one backward in steady state: fewer live activations), or
+    interleaved_1f1b (several stages per rank: a smaller bubble, more messages)."""
+    microbatches: int = 4
+    """Pipeline micro-batches each rank's batch is cut into (pp > 1); must divide it."""
+    stages_per_rank: int = 1
+    """Pipeline stages held by each rank; > 1 (looped placement: rank r holds stages r, r+pp,
+    ...) needs pp_schedule=interleaved_1f1b, which needs > 1."""
+    split_points: list[int] = field(default_factory=list)
+    """Indices into the model's `pipeline_layers()` where stages 1, 2, ... begin (one fewer
+    than the number of stages); empty = balance the stages by parameter count."""
+    sequence_parallel: bool = False
+    """Tensor parallel ViT: also shard LayerNorms and residual adds along the token dimension
+    (activation memory / tp; all-reduces become reduce-scatter + all-gather). Ignored at tp = 1."""
 
     def __post_init__(self) -> None:
         _check(self.dp == -1 or self.dp >= 1, "parallel.dp", "must be >= 1 or -1 (auto)")
         _check(self.tp >= 1, "parallel.tp", "must be >= 1")
         _check(self.pp >= 1, "parallel.pp", "must be >= 1")
         _check(self.bucket_cap_mb > 0, "parallel.bucket_cap_mb", "must be > 0")
+        _check(self.microbatches >= 1, "parallel.microbatches", "must be >= 1")
+        _check(self.stages_per_rank >= 1, "parallel.stages_per_rank", "must be >= 1")
+        _check(
+            all(p >= 1 for p in self.split_points)
+            and all(a < b for a, b in zip(self.split_points, self.split_points[1:])),
+            "parallel.split_points",
+            "must be strictly increasing layer indices >= 1",
+        )
+        if self.pp == 1:
+            return
+        interleaved = self.pp_schedule == "interleaved_1f1b"
+        _check(
+            interleaved == (self.stages_per_rank > 1),
+            "parallel.stages_per_rank",
+            "must be > 1 exactly when pp_schedule=interleaved_1f1b",
+        )
+        stages = self.pp * self.stages_per_rank
+        _check(
+            not self.split_points or len(self.split_points) == stages - 1,
+            "parallel.split_points",
+            f"needs {stages - 1} entries for {stages} stages, got {len(self.split_points)}",
+        )
+        if self.pp_schedule == "1f1b":  # torch's Schedule1F1B refuses fewer
+            _check(
+                self.microbatches >= stages,
+                "parallel.microbatches",
+                f"1f1b needs at least as many micro-batches as stages ({stages})",
+            )
+        if interleaved:  # torch's ScheduleInterleaved1F1B runs micro-batches in equal rounds
+            rounds = max(1, self.microbatches // self.pp)
+            _check(
+                self.microbatches % rounds == 0,
+                "parallel.microbatches",
+                f"interleaved_1f1b needs a multiple of {rounds} (rounds of pp micro-batches)",
+            )
+        _check(self.tp == 1, "parallel.tp", "tp > 1 together with pp > 1 is not supported")
+        _check(
+            self.dp_mode != "fsdp",
+            "parallel.dp_mode",
+            "fsdp with pp > 1 is not supported; use ddp (or auto)",
+        )
 
 
 @dataclass
@@ -309,3 +369,16 @@ class Config:
         # Cross-section checks that need several fields.
         if self.train.amp == "fp16" and self.train.device == "cpu":
             raise ConfigError("train.amp: fp16 needs a GPU (GradScaler); use bf16 on CPU")
+        mesh = self.parallel.tp > 1 or self.parallel.pp > 1
+        _check(
+            not (mesh and self.train.ema_decay > 0),
+            "train.ema_decay",
+            "EMA is not supported with parallel.tp > 1 or parallel.pp > 1",
+        )
+        pp = self.parallel.pp > 1
+        _check(
+            not (pp and self.train.grad_accum > 1),
+            "train.grad_accum",
+            "must be 1 with pp > 1 (the pipeline accumulates over parallel.microbatches)",
+        )
+        _check(not (pp and self.train.compile), "train.compile", "is not supported with pp > 1")

@@ -182,3 +182,21 @@ def vit_small(
     (LayerNorm throughout), se.
     """
     return VisionTransformer(num_classes, 384, 6, 6, dropout=dropout, drop_path=drop_path)
+
+
+@register_model("vit_nano")
+def vit_nano(
+    num_classes: int = 10,
+    *,
+    norm: str = "batch",
+    groups: int = 8,
+    se: bool = False,
+    dropout: float = 0.0,
+    drop_path: float = 0.0,
+) -> nn.Module:
+    """ViT with dim 64, depth 4, 4 heads, MLP 4x, 4x4 patches (~0.2M parameters); for tests and
+    smoke runs of the parallel layouts (4 heads split 2 or 4 ways, 6 pipeline layers).
+
+    Applies: dropout, drop_path (as vit_tiny). Ignored: norm, groups (LayerNorm throughout), se.
+    """
+    return VisionTransformer(num_classes, 64, 4, 4, dropout=dropout, drop_path=drop_path)

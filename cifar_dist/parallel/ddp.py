@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -19,10 +20,17 @@ def _buffer_sync_kwargs(enabled: bool) -> dict[str, bool]:
     return {"broadcast_buffers": enabled}
 
 
-def apply_ddp(model: nn.Module, cfg: ParallelConfig, device: torch.device) -> nn.Module:
+def apply_ddp(
+    model: nn.Module,
+    cfg: ParallelConfig,
+    device: torch.device,
+    process_group: dist.ProcessGroup | None = None,
+) -> nn.Module:
+    """DDP over `process_group` (the dp dimension of the mesh; None = all ranks)."""
     return DDP(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
+        process_group=process_group,
         bucket_cap_mb=cfg.bucket_cap_mb,
         gradient_as_bucket_view=cfg.gradient_as_bucket_view,
         **_buffer_sync_kwargs(cfg.broadcast_buffers),

@@ -2,6 +2,11 @@
 
 Step checkpoints are `checkpoints/step_XXXXXXXX.pt`; `last.pt` is a hard link to the newest one.
 A crash mid-write leaves only a `.tmp` file, which is never picked; an unreadable file is skipped.
+
+Sharded checkpoints (pipeline parallel): each shard is written first, in its own directory,
+then a manifest `step_XXXXXXXX.pt` whose "shards" entry lists them (relative paths). The
+manifest is the commit record: it exists only once every shard does. Loading a manifest merges
+the shards' "model" entries into one single-process state dict.
 """
 
 from __future__ import annotations
@@ -35,9 +40,13 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.close(dir_fd)
 
 
+def step_filename(step: int) -> str:
+    return f"step_{step:08d}.pt"
+
+
 def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep: int = 2) -> Path:
     """Write step_<step>.pt atomically, point last.pt at it, keep the newest `keep` step files."""
-    path = ckpt_dir / f"step_{step:08d}.pt"
+    path = ckpt_dir / step_filename(step)
     atomic_save(state, path)
     link_tmp = ckpt_dir / f".last.pt.{os.getpid()}.tmp"
     link_tmp.unlink(missing_ok=True)
@@ -68,9 +77,23 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(
             f"checkpoint {path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
         ) from None
+    if isinstance(state, dict) and "shards" in state and "model" not in state:
+        state = _merge_shards(Path(path).parent, state, map_location)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"checkpoint {path}: not a cifar-dist checkpoint (no 'model' entry)")
     return state
+
+
+def _merge_shards(
+    ckpt_dir: Path, manifest: dict[str, Any], map_location: str | torch.device
+) -> dict[str, Any]:
+    """The manifest plus "model" (the union of the shards' disjoint "model" entries) and
+    "shard_states" (each shard as loaded, for a resume in the same layout)."""
+    shards = [load_checkpoint(ckpt_dir / rel, map_location) for rel in manifest["shards"]]
+    model: dict[str, Any] = {}
+    for shard in shards:
+        model.update(shard["model"])
+    return {**manifest, "model": model, "shard_states": shards}
 
 
 def latest_checkpoint(

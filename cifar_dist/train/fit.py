@@ -116,9 +116,8 @@ def _finish(
             "skipped_steps": st.skipped_steps,
             "train_s": st.train_time_s,
             "wall_s": time.perf_counter() - wall0,
-            "samples_per_s": st.train_samples
-            * trainer.info.world_size
-            / max(st.train_time_s, 1e-9),
+            # Every rank of one data-parallel replica counts the same samples.
+            "samples_per_s": st.train_samples * trainer.dims.dp / max(st.train_time_s, 1e-9),
             "params": sum(p.numel() for p in trainer.model.parameters()),
             "world_size": trainer.info.world_size,
             "device": str(trainer.device),
@@ -161,6 +160,14 @@ def preemption_handlers(trainer: Trainer) -> Iterator[None]:
 
 def trainer_class(cfg: Config, dims: ParallelDims) -> type[Trainer]:
     """The training strategy for this layout: a Trainer subclass overrides its hooks."""
+    if dims.pp > 1:
+        from cifar_dist.train.pipeline_trainer import PipelineTrainer
+
+        return PipelineTrainer
+    if dims.uses_mesh:
+        from cifar_dist.train.mesh_trainer import MeshTrainer
+
+        return MeshTrainer
     return Trainer
 
 
@@ -169,13 +176,15 @@ def run_training(cfg: Config, info: DistInfo) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    dims = ParallelDims.from_config(cfg.parallel, info.world_size)
+    dims = ParallelDims.from_config(cfg.parallel, info.world_size, info.device.type)
     run_dir = resolve_run_dir(cfg)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
     barrier()
-    train_loader, eval_loaders, classes = build_data(cfg, info.rank, dims.dp, info.device)
+    # Shard by the dp coordinate: tp and pp peers of one replica must see the same batch.
+    dp_rank = dims.coords(info.rank).dp
+    train_loader, eval_loaders, classes = build_data(cfg, dp_rank, dims.dp, info.device)
     sink = build_sinks(cfg, run_dir, info.is_main, config_to_dict(cfg))
     try:
         trainer_cls = trainer_class(cfg, dims)

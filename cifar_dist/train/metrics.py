@@ -17,15 +17,18 @@ from torchmetrics.classification import (
 )
 
 
-def build_metrics(num_classes: int, device: torch.device) -> MetricCollection:
+def build_metrics(
+    num_classes: int, device: torch.device, process_group: Any = None
+) -> MetricCollection:
     top5 = min(5, num_classes)
+    pg = {"process_group": process_group}
     return MetricCollection(
         {
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "top5": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
-            "precision": MulticlassPrecision(num_classes, average="macro"),
-            "recall": MulticlassRecall(num_classes, average="macro"),
-            "f1": MulticlassF1Score(num_classes, average="macro"),
+            "acc": MulticlassAccuracy(num_classes, average="micro", **pg),
+            "top5": MulticlassAccuracy(num_classes, top_k=top5, average="micro", **pg),
+            "precision": MulticlassPrecision(num_classes, average="macro", **pg),
+            "recall": MulticlassRecall(num_classes, average="macro", **pg),
+            "f1": MulticlassF1Score(num_classes, average="macro", **pg),
         }
     ).to(device)
 
@@ -49,13 +52,20 @@ def evaluate(
     channels_last: bool = False,
     tta: bool = False,
     confusion: bool = False,
+    process_group: Any = None,
 ) -> dict[str, Any]:
-    """Loss and metrics over this rank's shard, reduced over all ranks by torchmetrics."""
+    """Loss and metrics over this rank's shard, reduced by torchmetrics over `process_group`
+    (None = all ranks; tensor/pipeline-parallel runs pass their dp group, since the ranks of
+    one replica see the same images and would otherwise count them several times)."""
     was_training = model.training
     model.eval()
-    metrics = build_metrics(num_classes, device)
-    loss_mean = MeanMetric().to(device)
-    cm = MulticlassConfusionMatrix(num_classes).to(device) if confusion else None
+    metrics = build_metrics(num_classes, device, process_group)
+    loss_mean = MeanMetric(process_group=process_group).to(device)
+    cm = (
+        MulticlassConfusionMatrix(num_classes, process_group=process_group).to(device)
+        if confusion
+        else None
+    )
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     ref = next(model.parameters(), None)  # parameterless wrappers (ONNX Runtime) run in float32
     dtype = ref.dtype if ref is not None else torch.float32

@@ -105,7 +105,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical init on every rank
         self.model = build_model(cfg, self.device)
         self.dtype = next(self.model.parameters()).dtype
-        torch.manual_seed(cfg.train.seed + 1 + info.rank)  # per-rank dropout / drop-path streams
+        # Dropout / drop-path streams per data-parallel replica: tensor- and pipeline-parallel
+        # peers hold pieces of one replica and must draw the same masks.
+        torch.manual_seed(cfg.train.seed + 1 + dims.coords(info.rank).dp)
         self.accum = cfg.train.grad_accum
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
@@ -137,6 +139,10 @@ class Trainer:
                 self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True
             )
 
+    def clip_gradients(self, max_norm: float) -> float:
+        """Global gradient norm (before clipping), clipping to `max_norm` (inf = measure only)."""
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
     def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
         """One optimiser step over `grad_accum` micro-batches drawn from `batches`."""
         out = StepResult(lr=self.optimizer.param_groups[0]["lr"])
@@ -156,9 +162,10 @@ class Trainer:
         if self.info.distributed:
             per_rank = [None] * self.info.world_size
             dist.all_gather_object(per_rank, (rng_state(), self.state.to_dict()))
+        model_state, optim_state = self.model_optim_state_dict()
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema": self.ema.state_dict() if self.ema else None,
@@ -168,9 +175,16 @@ class Trainer:
             "config": config_to_dict(self.cfg),
         }
 
+    def model_optim_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The model's and optimiser's state as a single process would hold them."""
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def load_model_optim_state_dict(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
+        self.model.load_state_dict(model)
+        self.optimizer.load_state_dict(optim)
+
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.load_model_optim_state_dict(ckpt["model"], ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -222,7 +236,7 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.clip_norm or math.inf
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        norm = self.clip_gradients(max_norm)
         finite = all(math.isfinite(v) for v in losses) and (
             self.scaler is not None or math.isfinite(norm)
         )
