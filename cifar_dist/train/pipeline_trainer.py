@@ -1,0 +1,217 @@
+"""Trainer for pipeline parallelism (pp > 1, optionally dp x pp with DDP over dp).
+
+One optimiser step is one `schedule.step`: the rank batch is cut into `parallel.microbatches`
+micro-batches, the last stage computes the loss, and the loss, accuracy and gradient norm are
+made global (broadcast from the last stage, all-reduced over stages) so every rank takes the
+same decisions. Evaluation runs through the same pipeline; checkpoints are one shard per pp
+rank plus a manifest that merges into a single-process state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cifar_dist.config.schema import ConfigError
+from cifar_dist.parallel.parallelize import parallelize
+from cifar_dist.parallel.pipeline import (
+    build_schedule,
+    build_stages,
+    example_activations,
+    plan_pipeline,
+    release_other_layers,
+    warn_batchnorm,
+)
+from cifar_dist.train.checkpoint import CheckpointError, save_checkpoint, step_filename
+from cifar_dist.train.grad_norm import clip_grad_norm
+from cifar_dist.train.mesh_trainer import MeshTrainer
+from cifar_dist.train.metrics import evaluate
+from cifar_dist.train.optim import build_optimizer, build_scheduler
+from cifar_dist.train.trainer import StepResult, Trainer, micro_batch_size
+from cifar_dist.utils.dist import barrier
+
+IMAGE_SHAPE = (3, 32, 32)  # every registered model takes CIFAR-sized images
+
+
+class PipelineTrainer(MeshTrainer):
+    def setup_parallel(self) -> None:
+        cfg, dims = self.cfg, self.dims
+        dims.check_model(self.model, cfg.parallel)  # the same ConfigError on every rank
+        coords = dims.coords(self.info.rank)
+        self.pp_rank = coords.pp
+        self.rank_batch = micro_batch_size(cfg, dims.dp)
+        if self.rank_batch % cfg.parallel.microbatches:
+            raise ConfigError(
+                f"parallel.microbatches: {cfg.parallel.microbatches} does not divide the "
+                f"per-rank batch {self.rank_batch} (data.batch_size / dp)"
+            )
+        self.plan = plan_pipeline(self.model, coords.pp, dims.pp, cfg.parallel)
+        warn_batchnorm(self.model, self.info.is_main)
+        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        micro = torch.zeros(
+            (self.rank_batch // cfg.parallel.microbatches, *IMAGE_SHAPE),
+            dtype=self.dtype,
+            device=self.device,
+        ).contiguous(memory_format=fmt)
+        acts = example_activations(self.model, self.plan.bounds, micro)
+        release_other_layers(self.model, self.plan)
+        self.dp_group = dims.group("dp")
+        self.pp_group = dims.group("pp")
+        wrapped = [parallelize(m, dims, cfg, self.device) for m in self.plan.modules]
+        self.stages = build_stages(self.plan, wrapped, acts, self.device, self.pp_group)
+        self.schedule = build_schedule(self.stages, cfg.parallel, self._loss)
+        self.has_first = 0 in self.plan.stage_ids
+        self.has_last = self.plan.num_stages - 1 in self.plan.stage_ids
+        # The last stage sits on pp rank pp-1 (looped placement), in this rank's dp replica.
+        self.last_rank = dims.rank_of(dims.pp - 1, coords.dp, coords.tp)
+        # What train()/eval() toggle, and what the optimiser and checkpoints see: held stages.
+        self.train_model = nn.ModuleList(self.plan.modules)
+
+    def setup_optim(self) -> None:
+        cfg = self.cfg
+        self.optimizer = build_optimizer(self.train_model, cfg.optim, cfg.data.batch_size)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg.schedule, self.steps_per_epoch, cfg.train.epochs
+        )
+
+    def clip_gradients(self, max_norm: float) -> float:
+        return clip_grad_norm(list(self.train_model.parameters()), max_norm, self.pp_group)
+
+    # ----- one optimiser step ------------------------------------------------------------------
+    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
+        return images.to(self.device, self.dtype).contiguous(memory_format=fmt)
+
+    def _from_last_stage(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` as computed on the last stage, on every rank of this pipeline."""
+        dist.broadcast(values, src=self.last_rank, group=self.pp_group)
+        return values
+
+    def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        out = StepResult(lr=self.optimizer.param_groups[0]["lr"])
+        images, labels = next(batches)
+        labels = labels.to(self.device)
+        if labels.is_floating_point():  # soft labels from mixup/cutmix
+            labels = labels.to(self.dtype)
+        losses: list[torch.Tensor] = []
+        args = (self._inputs(images),) if self.has_first else ()
+        with torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        ):
+            logits = self.schedule.step(*args, target=labels, losses=losses)
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.has_last:
+            hard = labels if labels.ndim == 1 else labels.argmax(dim=1)
+            # Equal micro-batches: the mean of their mean losses is the rank batch's mean loss.
+            stats[0] = torch.stack([x.detach().double() for x in losses]).mean()
+            stats[1] = (logits.argmax(dim=1) == hard).sum()
+        loss, correct = self._from_last_stage(stats).tolist()
+        out.add(loss, correct, labels.shape[0])
+        out.grad_norm = self._optimizer_step(out.losses)
+        return out
+
+    # ----- evaluation --------------------------------------------------------------------------
+    def evaluate_split(self, split: str, confusion: bool = False) -> dict[str, Any]:
+        return evaluate(
+            PipelineForward(self),
+            self.eval_loaders[split],
+            self.cfg.data.num_classes,
+            self.device,
+            amp_dtype=self.amp_dtype,
+            channels_last=self.cfg.train.channels_last,
+            tta=self.cfg.train.tta,
+            confusion=confusion,
+            process_group=self.dp_group,
+        )
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def _held_layers(self) -> list[tuple[str, nn.Module]]:
+        return [
+            (prefix, layer)
+            for mod, prefixes in zip(self.plan.modules, self.plan.prefixes)
+            for prefix, layer in zip(prefixes, mod.layers)
+        ]
+
+    def model_optim_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        # This rank's stages only, under the full model's names (other layers are on meta).
+        model = {
+            prefix + k: v
+            for prefix, layer in self._held_layers()
+            for k, v in layer.state_dict().items()
+        }
+        return model, self.optimizer.state_dict()
+
+    def load_model_optim_state_dict(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
+        for prefix, layer in self._held_layers():
+            layer.load_state_dict(
+                {k.removeprefix(prefix): v for k, v in model.items() if k.startswith(prefix)}
+            )
+        self.optimizer.load_state_dict(optim)
+
+    def _layout(self) -> list[list[int]]:
+        return [[r.start, r.stop] for r in self.plan.bounds]
+
+    def save(self) -> None:
+        state = Trainer.state_dict(self)  # collective: gathers every rank's RNG and counters
+        step, ckpt_dir = self.state.step, self.run_dir / "checkpoints"
+        shard = {"model": state.pop("model"), "optimizer": state.pop("optimizer")}
+        shard["stage_ids"] = self.plan.stage_ids
+        if self.dims.coords(self.info.rank).dp == 0:  # one writer per pipeline rank
+            save_checkpoint(shard, ckpt_dir / f"pp{self.pp_rank}", step)
+        barrier()  # every shard is on disk before the manifest names it
+        if self.info.is_main:
+            state["shards"] = [f"pp{r}/{step_filename(step)}" for r in range(self.dims.pp)]
+            state["pipeline"] = {"layer_ranges": self._layout()}
+            save_checkpoint(state, ckpt_dir, step)
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        layout = ckpt.get("pipeline", {}).get("layer_ranges")
+        if layout != self._layout() or "shard_states" not in ckpt:
+            raise CheckpointError(
+                f"train.resume: the checkpoint's pipeline layout {layout} differs from this "
+                f"run's {self._layout()} (evaluate it with `cifar-dist eval` instead)"
+            )
+        optim = ckpt["shard_states"][self.pp_rank]["optimizer"]
+        super().load_state_dict({**ckpt, "optimizer": optim})
+
+
+class PipelineForward(nn.Module):
+    """model(images) through the pipeline's forward-only schedule, on every rank of it.
+
+    `schedule.eval` reuses the training stages, whose buffers have the training micro-batch
+    shape: images go through in pieces of the rank batch, the last piece zero-padded (eval-mode
+    layers treat samples independently, so padding changes no real sample's logits). The last
+    stage's logits are broadcast so every rank updates identical metrics.
+    """
+
+    def __init__(self, trainer: PipelineTrainer) -> None:
+        super().__init__()
+        self.trainer = [trainer]  # a list: not registered as a submodule
+        self.stages = trainer.train_model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        t = self.trainer[0]
+        outs = []
+        for piece in images.split(t.rank_batch):
+            n = piece.shape[0]
+            if n < t.rank_batch:
+                pad = piece.new_zeros((t.rank_batch - n, *piece.shape[1:]))
+                piece = torch.cat([piece, pad])
+            args = (piece,) if t.has_first else ()
+            # The schedule's last stage applies its loss_fn in eval too, so it needs a target;
+            # that loss is discarded (evaluate() computes its own from the logits).
+            dummy = torch.zeros(t.rank_batch, dtype=torch.long, device=t.device)
+            logits = t.schedule.eval(*args, target=dummy)
+            buf = torch.empty(
+                (t.rank_batch, t.cfg.data.num_classes), dtype=t.dtype, device=t.device
+            )
+            if t.has_last:
+                buf.copy_(logits)
+            outs.append(t._from_last_stage(buf)[:n])
+        return torch.cat(outs)
