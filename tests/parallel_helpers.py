@@ -1,0 +1,81 @@
+"""Shared by the pipeline and tensor-parallel tests: a run recipe, a cache of runs, and the
+equality check against a single-process run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from cifar_dist.config import load_config
+from cifar_dist.train.checkpoint import load_checkpoint
+from cifar_dist.train.fit import fit
+from tests.conftest import tiny_overrides
+from tests.test_distributed import cli_args, run_torchrun
+
+STEPS = 10
+
+
+def overrides(data: Path, runs: Path, name: str, model: str, **extra: object) -> dict[str, object]:
+    """10 steps in float64 (ReLU/GELU nets amplify float32 rounding of a different summation
+    order far past 1e-5 in 10 steps; float64 leaves only the float32 cross-entropy), augmented
+    (crop + flip), momentum on, GroupNorm for the CNNs."""
+    return tiny_overrides(
+        data,
+        runs,
+        **{
+            "model.name": model,
+            "data.batch_size": 16,
+            "data.crop_padding": 4,
+            "data.flip": True,
+            "optim.momentum": 0.9,
+            "train.dtype": "float64",
+            "train.max_steps": STEPS,
+            "log.every_steps": 1,
+            "log.name": name,
+            **extra,
+        },
+    )
+
+
+def steps(run_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(single: Path, other: Path) -> None:
+    """Per-step loss and global grad norm within 1e-5, final weights within 1e-8 (float64)."""
+    a, b = steps(single), steps(other)
+    assert len(a) == len(b) == STEPS
+    for key in ("step/loss", "step/grad_norm"):
+        diff = max(abs(x[key] - y[key]) for x, y in zip(a, b))
+        assert diff <= 1e-5, (key, diff)
+    wa = load_checkpoint(single / "checkpoints/last.pt")["model"]
+    wb = load_checkpoint(other / "checkpoints/last.pt")["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if wa[k].is_floating_point():
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-8, rtol=0, msg=k)
+
+
+class Runs:
+    """Single-process references and distributed runs, each made once per module."""
+
+    def __init__(self, data: Path, root: Path) -> None:
+        self.data, self.root = data, root
+        self.done: dict[str, Path] = {}
+
+    def single(self, model: str, **extra: object) -> Path:
+        name = "_".join(["single", model, *(f"{k}={v}" for k, v in sorted(extra.items()))])
+        if name not in self.done:
+            fit(load_config(None, overrides(self.data, self.root, name, model, **extra)))
+            self.done[name] = self.root / name
+        return self.done[name]
+
+    def torchrun(self, nproc: int, name: str, model: str, **extra: object) -> Path:
+        if name not in self.done:
+            over = overrides(self.data, self.root, name, model, **extra)
+            proc = run_torchrun(nproc, "train", *cli_args(over), timeout=300)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            self.done[name] = self.root / name
+        return self.done[name]
