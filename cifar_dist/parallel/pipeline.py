@@ -83,6 +83,19 @@ def stage_bounds(model: PipelineModel, num_stages: int, split_points: list[int])
     return [range(a, b) for a, b in zip(edges, edges[1:])]
 
 
+class _Contiguous(torch.autograd.Function):
+    """Identity whose output and gradient are contiguous: stage boundaries are sent with
+    point-to-point ops, which need contiguous tensors (channels_last activations are not)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 class StageModule(nn.Module):
     """A contiguous run of pipeline layers; its forward is their composition (as the model's)."""
 
@@ -91,9 +104,10 @@ class StageModule(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _Contiguous.apply(x)
         for layer in self.layers:
             x = layer(x)
-        return x
+        return _Contiguous.apply(x)
 
 
 @dataclass
@@ -171,7 +185,7 @@ def example_activations(
                 x = layers[i](x)
     acts.append(x)
     model.train(was_training)
-    out = [a.detach().zero_() for a in acts]
+    out = [a.detach().contiguous().zero_() for a in acts]  # as StageModule sends them
     # Stage inputs carry gradients back to the previous stage; the metadata says so.
     return [a.requires_grad_(0 < i < len(out) - 1) for i, a in enumerate(out)]
 
