@@ -1,0 +1,257 @@
+"""DDP vs PP vs TP vs DP x TP (and DP x PP, FSDP) at the same global batch: step time, peak
+memory per rank, and the communication volume per step each layout implies.
+
+    .venv/bin/python benchmarks/parallel_variants.py                  # vit_small, 2 and 4 ranks, CPU
+    .venv/bin/python benchmarks/parallel_variants.py --model vit_nano --steps 3 --warmup 1  # smoke
+
+Each variant is one `torchrun --standalone` job on synthetic data running `fit()` for
+--warmup + --steps optimiser steps; this script re-launches itself as the worker. Measured:
+- step time: wall time of `train_step` (data, forward, backward, communication, optimiser),
+  median over the steps after --warmup, slowest rank;
+- memory: peak resident set size of each rank (`resource.getrusage(RUSAGE_SELF).ru_maxrss`,
+  whole process: interpreter, torch, data, model, activations) and that peak minus the RSS
+  just before `fit()` (after imports), reported as max over ranks. tracemalloc would miss
+  torch's C++ allocations.
+Communication volume is analytic (bytes each rank sends per step with ring collectives and
+fp32 = 4 bytes/element; see docs/parallelism.md for the formulas), computed from the model:
+parameter counts per stage and activation sizes at stage boundaries and in the ViT blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the worker runs as a script under torchrun
+
+# name -> (ranks, parallel overrides); dp is whatever is left of the world size
+VARIANTS: dict[str, tuple[int, dict[str, object]]] = {
+    "single": (1, {}),
+    "ddp2": (2, {}),
+    "fsdp2": (2, {"parallel.dp_mode": "fsdp"}),
+    "pp2-gpipe": (2, {"parallel.pp": 2, "parallel.pp_schedule": "gpipe"}),
+    "pp2-1f1b": (2, {"parallel.pp": 2, "parallel.pp_schedule": "1f1b"}),
+    "tp2": (2, {"parallel.tp": 2}),
+    "tp2-sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
+    "ddp4": (4, {}),
+    "pp4-1f1b": (4, {"parallel.pp": 4, "parallel.pp_schedule": "1f1b"}),
+    "dp2xpp2": (4, {"parallel.pp": 2, "parallel.pp_schedule": "1f1b"}),
+    "dp2xtp2": (4, {"parallel.tp": 2}),
+}
+
+
+def overrides(args: argparse.Namespace, variant: str, data: Path, runs: Path) -> list[str]:
+    ranks, par = VARIANTS[variant]
+    over = {
+        "data.dir": data,
+        "data.val_size": 100,
+        "data.batch_size": args.batch,
+        "data.eval_batch_size": 100,
+        "data.num_workers": 0,
+        "model.name": args.model,
+        "model.norm": "group",
+        "optim.name": "adamw",
+        "optim.lr": 1e-3,
+        "schedule.name": "constant",
+        "schedule.warmup_epochs": 0.0,
+        "train.max_steps": args.warmup + args.steps,
+        "train.epochs": 1,
+        "train.device": args.device,
+        "train.progress": False,
+        "log.plots": False,
+        "log.wandb.mode": "disabled",
+        "log.every_steps": 1000,
+        "log.dir": runs,
+        "log.name": variant,
+        "parallel.microbatches": args.microbatches,
+        **par,
+    }
+    return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in over.items()]
+
+
+# ----- worker (one rank of one variant) ---------------------------------------------------------
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(argv: list[str]) -> None:
+    import torch.distributed as dist
+
+    from cifar_dist.config import load_config
+    from cifar_dist.train import fit as fit_mod
+    from cifar_dist.utils.dist import distributed_session
+
+    times: list[float] = []
+    choose = fit_mod.trainer_class
+
+    def timed_class(cfg, dims):  # noqa: ANN001, ANN202 - the fit.trainer_class signature
+        base = choose(cfg, dims)
+
+        class Timed(base):  # type: ignore[misc, valid-type]
+            def train_step(self, batches):  # noqa: ANN001, ANN202
+                t0 = time.perf_counter()
+                out = super().train_step(batches)
+                times.append(time.perf_counter() - t0)
+                return out
+
+        return Timed
+
+    fit_mod.trainer_class = timed_class  # benchmark-only instrumentation of the step
+    warmup = int(os.environ["BENCH_WARMUP"])
+    cfg = load_config(None, argv)
+    with distributed_session(cfg.train.device, cfg.parallel.backend) as info:
+        base_rss = rss_mib()
+        fit_mod.fit(cfg)  # the session is ours, so fit() leaves the process group up
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        mine = {"step_s": statistics.median(times[warmup:]), "peak_mib": peak, "base_mib": base_rss}
+        everyone = [mine]
+        if info.distributed:
+            everyone = [None] * info.world_size
+            dist.all_gather_object(everyone, mine)
+        if info.is_main:
+            print("BENCH " + json.dumps(everyone), flush=True)
+
+
+# ----- analytic communication ------------------------------------------------------------------
+def comm_mib(model_name: str, variant: str, batch: int) -> float:
+    """Bytes each rank sends per optimiser step (max over ranks), MiB; fp32."""
+    import torch
+
+    from cifar_dist.config.schema import ParallelConfig
+    from cifar_dist.models import create_model
+    from cifar_dist.parallel import pipeline
+    from cifar_dist.parallel.mesh import ParallelDims
+
+    ranks, par = VARIANTS[variant]
+    pcfg = ParallelConfig(**{k.split(".")[1]: v for k, v in par.items()})
+    dims = ParallelDims.from_config(pcfg, ranks)
+    model = create_model(model_name, norm="group")
+    params = sum(p.numel() for p in model.parameters())
+    per_rank_batch = batch / dims.dp
+    b = 4.0
+    ring = lambda n: (n - 1) / n  # noqa: E731 - fraction of a buffer each rank sends per pass
+    total = 0.0
+    if dims.pp > 1:
+        bounds = pipeline.stage_bounds(model, dims.pp, [])
+        acts = pipeline.example_activations(model, bounds, torch.zeros(1, 3, 32, 32))
+        inner = [a.numel() for a in acts[1:-1]]  # per sample, at each stage boundary
+        # a middle stage receives one activation and one gradient, and sends as much
+        worst = max(x + y for x, y in zip([0, *inner], [*inner, 0]))
+        total += worst * per_rank_batch * b
+        stage_params = max(
+            sum(p.numel() for i in r for p in model.pipeline_layers()[i].parameters())
+            for r in bounds
+        )
+        total += 2 * ring(dims.dp) * stage_params * b if dims.dp > 1 else 0.0
+    elif dims.tp > 1:
+        if hasattr(model, "blocks") and hasattr(model.blocks[0], "attn"):
+            tokens, dim = model.embed.pos_embed.shape[1:]
+            # 2 all-reduces forward + 2 backward per block (or the same bytes as reduce-scatter
+            # + all-gather pairs under sequence parallel)
+            total += len(model.blocks) * 4 * 2 * ring(dims.tp) * per_rank_batch * tokens * dim * b
+        else:  # row-wise classifier: logits all-reduce, input-gradient all-gather
+            fc = model.pipeline_layers()[-1]
+            lin = [m for m in fc.modules() if isinstance(m, torch.nn.Linear)][-1]
+            total += (2 * lin.out_features + lin.in_features) * ring(dims.tp) * per_rank_batch * b
+        if dims.dp > 1:  # FSDP over dp of this rank's 1/tp of the weights (approx.)
+            total += 3 * ring(dims.dp) * params / dims.tp * b
+    elif dims.dp > 1:
+        passes = 3 if dims.dp_mode == "fsdp" else 2  # all-gather x2 + reduce-scatter vs all-reduce
+        total += passes * ring(dims.dp) * params * b
+    return total / 2**20
+
+
+# ----- driver ----------------------------------------------------------------------------------
+def run_variant(args: argparse.Namespace, variant: str, data: Path, runs: Path) -> list[dict]:
+    ranks, _ = VARIANTS[variant]
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "BENCH_WARMUP": str(args.warmup),
+        "PYTHONPATH": str(REPO),
+        "WANDB_MODE": "disabled",
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={ranks}", __file__, "--worker"]
+    proc = subprocess.run(
+        cmd + overrides(args, variant, data, runs), env=env, capture_output=True, text=True
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("BENCH ") :])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="vit_small")
+    ap.add_argument(
+        "--batch", type=int, default=64, help="global batch, the same for every variant"
+    )
+    ap.add_argument("--microbatches", type=int, default=4, help="pipeline micro-batches per rank")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed first steps")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="world sizes to run")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        from cifar_dist.data import write_synthetic
+
+        data = Path(tmp) / "data"
+        write_synthetic(
+            data, "cifar10", n_train=100 + args.batch * (args.warmup + args.steps + 1), n_test=100
+        )
+        for v in args.variants:
+            ranks = VARIANTS[v][0]
+            if ranks != 1 and ranks not in args.ranks:
+                continue
+            per_rank = run_variant(args, v, data, Path(tmp) / "runs")
+            rows.append(
+                {
+                    "variant": v,
+                    "ranks": ranks,
+                    "step_ms": 1000 * max(r["step_s"] for r in per_rank),
+                    "peak_mib": max(r["peak_mib"] for r in per_rank),
+                    "delta_mib": max(r["peak_mib"] - r["base_mib"] for r in per_rank),
+                    "comm_mib": comm_mib(args.model, v, args.batch),
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(
+        f"\n{args.model}, global batch {args.batch}, {args.microbatches} micro-batches, {args.device}\n"
+    )
+    print(
+        "| variant | ranks | step (ms) | peak RSS / rank (MiB) | peak - start (MiB) | comm / rank / step (MiB) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['variant']} | {r['ranks']} | {r['step_ms']:.1f} | {r['peak_mib']:.0f} | "
+            f"{r['delta_mib']:.0f} | {r['comm_mib']:.2f} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2:])
+    else:
+        sys.exit(main())
