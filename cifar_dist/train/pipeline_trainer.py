@@ -31,7 +31,7 @@ from cifar_dist.train.grad_norm import clip_grad_norm
 from cifar_dist.train.mesh_trainer import MeshTrainer
 from cifar_dist.train.metrics import evaluate
 from cifar_dist.train.optim import build_optimizer, build_scheduler
-from cifar_dist.train.trainer import StepResult, Trainer, micro_batch_size
+from cifar_dist.train.trainer import StepResult, micro_batch_size
 from cifar_dist.utils.dist import barrier
 
 IMAGE_SHAPE = (3, 32, 32)  # every registered model takes CIFAR-sized images
@@ -158,7 +158,7 @@ class PipelineTrainer(MeshTrainer):
         return [[r.start, r.stop] for r in self.plan.bounds]
 
     def save(self) -> None:
-        state = Trainer.state_dict(self)  # collective: gathers every rank's RNG and counters
+        state = self.state_dict()  # collective: gathers every rank's RNG and counters
         step, ckpt_dir = self.state.step, self.run_dir / "checkpoints"
         shard = {"model": state.pop("model"), "optimizer": state.pop("optimizer")}
         shard["stage_ids"] = self.plan.stage_ids
