@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from cifar_dist.config import load_config
@@ -15,6 +16,8 @@ from tests.conftest import tiny_overrides
 from tests.test_distributed import cli_args, run_torchrun
 
 STEPS = 10
+# The CNN runs clip (the norm must be global for the clip to agree) and use channels_last.
+CNN = {"train.clip_norm": 1.0, "train.channels_last": True}
 
 
 def overrides(data: Path, runs: Path, name: str, model: str, **extra: object) -> dict[str, object]:
@@ -79,3 +82,15 @@ class Runs:
             assert proc.returncode == 0, proc.stderr[-4000:]
             self.done[name] = self.root / name
         return self.done[name]
+
+
+_SHARED: list[Runs] = []
+
+
+@pytest.fixture(scope="session", name="runs")
+def runs_fixture(synth_cifar10: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """One cache for the session, so the pipeline and tensor-parallel tests share their
+    single-process references (pytest keeps a fixture imported into two modules twice)."""
+    if not _SHARED:
+        _SHARED.append(Runs(synth_cifar10, tmp_path_factory.mktemp("parallel_runs")))
+    return _SHARED[0]
