@@ -176,7 +176,8 @@ class Trainer:
         }
 
     def model_optim_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The model's and optimiser's state as a single process would hold them."""
+        """The model's and optimiser's state for a checkpoint (a mesh trainer gathers full
+        tensors; a pipeline rank returns its own stages' share)."""
         return self.model.state_dict(), self.optimizer.state_dict()
 
     def load_model_optim_state_dict(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
