@@ -86,6 +86,7 @@ def epochs_logged(run_dir: Path) -> list[int]:
         ({"search": {"algo": "grid", "metric": "acc"}}, "search.metric: must be a per-epoch"),
         ({"space": {"log.name": {"values": ["a"]}}}, "space.log.name: is set by the sweep"),
         ({"trial": {"workers": 0}}, "trial.workers: must be >= 1"),
+        ({"space": {"data.dir": {"values": ["a", "b"]}}}, "space.data.dir: the data is prepared"),
     ],
 )
 def test_bad_sweep_file_names_the_key(
@@ -112,6 +113,41 @@ def test_cli_overrides_split_between_sweep_and_run(synth_cifar10: Path, tmp_path
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "cifar-dist: error: search.num_samples: must be >= 1 for bayes"
+
+
+def test_search_space_algorithms_and_asha(synth_cifar10: Path, tmp_path: Path) -> None:
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from cifar_dist.tune import space
+
+    space_tree = {
+        "optim.lr": {"low": 1e-3, "high": 1.0, "log": True},
+        "data.batch_size": {"low": 16, "high": 32, "integer": True},
+        "optim.weight_decay": {"values": [0.0, 5e-4]},
+    }
+    path = write_sweep(
+        tmp_path,
+        synth_cifar10,
+        {
+            "space": space_tree,
+            "search": {"algo": "random", "num_samples": 3},
+            "asha": {"enabled": True, "max_t": 6},
+        },
+    )
+    sweep, _, _ = load_sweep(path)
+    domains = space.param_space(sweep)
+    assert domains["optim.lr"].sampler.__class__.__name__ == "_LogUniform"
+    # `high` is inclusive in the sweep file (Tune's randint excludes it)
+    assert {domains["data.batch_size"].sample() for _ in range(300)} == set(range(16, 33))
+    assert domains["optim.weight_decay"].categories == [0.0, 5e-4]
+    sched = space.scheduler(sweep, epochs=2)
+    assert isinstance(sched, ASHAScheduler) and sched._max_t == 6 and sched._time_attr == "epoch"
+    sweep, _, _ = load_sweep(path, ["--search.algo=bayes", "--search.max_concurrent=3"])
+    algo = space.search_algorithm(sweep)
+    assert isinstance(algo, ConcurrencyLimiter) and algo.max_concurrent == 3
+    assert isinstance(algo.searcher, OptunaSearch)
 
 
 # ----- sweeps on Ray ---------------------------------------------------------------------------

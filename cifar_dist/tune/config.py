@@ -173,6 +173,8 @@ class RayConfig:
 
 # Keys the sweep itself sets on every trial (run directory, W&B group, resume point).
 RESERVED_KEYS = ("log.dir", "log.name", "log.wandb.group", "train.resume")
+# The driver prepares one data store before the trials start (concurrent trials would race).
+DATA_KEYS = ("data.dataset", "data.dir", "data.source", "data.synthetic")
 
 
 @dataclass
@@ -199,6 +201,9 @@ class SweepConfig:
         for key, spec in self.space.items():
             where = f"space.{key}"
             _check(key not in RESERVED_KEYS, where, "is set by the sweep for each trial")
+            _check(
+                key not in DATA_KEYS, where, "the data is prepared once per sweep: set it in run"
+            )
             spec.check(where)
             if self.search.algo == "grid":
                 _check(not spec.is_range, where, "search.algo=grid needs `values`, not a range")

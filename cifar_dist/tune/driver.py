@@ -15,7 +15,7 @@ import yaml
 from cifar_dist.config.load import config_to_dict
 from cifar_dist.config.schema import Config
 from cifar_dist.tune import results, space
-from cifar_dist.tune.config import SweepConfig
+from cifar_dist.tune.config import SweepConfig, SweepError
 from cifar_dist.tune.trainable import TrialContext, run_distributed_trial, run_trial
 
 # A distributed trial's Tune actor only waits on its Ray Train workers, so it holds no CPU
@@ -61,6 +61,18 @@ def prepare_base(base: Config) -> dict[str, Any]:
 
 def _trial_dirname(trial: Any) -> str:
     return str(trial.trial_id)
+
+
+def _require_ray(sweep: SweepConfig) -> None:
+    try:
+        import ray.tune  # noqa: F401
+
+        if sweep.trial.workers > 1:
+            import ray.train.torch  # noqa: F401
+        if sweep.search.algo == "bayes":
+            import optuna  # noqa: F401
+    except ImportError as e:
+        raise SweepError(f"{e}; install the sweep extra: pip install 'cifar-dist[tune]'") from None
 
 
 def _start_ray(sweep: SweepConfig) -> bool:
@@ -140,6 +152,7 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run the sweep and write its results. `trial_fn` replaces the per-trial function (same
     signature as run_trial / run_distributed_trial), e.g. to wrap it with extra behaviour."""
+    _require_ray(sweep)
     sweep_dir = sweep_dir_for(sweep, sweep_file)
     sweep = dataclasses.replace(sweep, name=sweep_dir.name)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +202,14 @@ def write_results(
     return SweepOutcome(sweep_dir, rows, best, best_yaml, csv_path, plots)
 
 
+def _shown(path: Path) -> str:
+    """Relative to the current directory when inside it: shorter lines, copy-pasteable."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def describe(outcome: SweepOutcome, sweep: SweepConfig) -> str:
     """The lines `cifar-dist tune` prints at the end."""
     metric = sweep.search.metric
@@ -201,14 +222,15 @@ def describe(outcome: SweepOutcome, sweep: SweepConfig) -> str:
         lines.append(
             f"  {r.trial_id} {r.status:9s} {metric}={r.value:.4g} epochs={r.epochs} {vals}{note}"
         )
-    lines.append(f"results: {outcome.csv}")
+    lines.append(f"results: {_shown(outcome.csv)}")
     if outcome.best is not None and outcome.best_yaml is not None:
         lines.append(f"best: {outcome.best.trial_id} {metric}={outcome.best.value:.4g}")
-        lines.append(f"best config: {outcome.best_yaml} (cifar-dist train -c {outcome.best_yaml})")
-    offline = sorted(outcome.sweep_dir.glob("trials/*/wandb/offline-run-*"))
+        best = _shown(outcome.best_yaml)
+        lines.append(f"best config: {best} (cifar-dist train -c {best})")
+    offline = [p for r in outcome.rows for p in Path(r.run_dir).glob("wandb/offline-run-*")]
     if offline:
         lines.append(
-            f"wandb: {len(offline)} offline runs (group {sweep.name}); upload with: "
-            f"wandb sync {outcome.sweep_dir}/trials/*/wandb/offline-run-*"
+            f"wandb: {len(offline)} offline runs (group {outcome.sweep_dir.name}); upload with: "
+            f"wandb sync {_shown(outcome.sweep_dir)}/trials/*/wandb/offline-run-*"
         )
     return "\n".join(lines)
