@@ -150,6 +150,40 @@ def test_search_space_algorithms_and_asha(synth_cifar10: Path, tmp_path: Path) -
     assert isinstance(algo.searcher, OptunaSearch)
 
 
+def test_report_sink_pairs_each_epoch_with_its_checkpoint(tmp_path: Path) -> None:
+    from cifar_dist.tune.report import CKPT_NAME, ReportSink
+
+    calls: list[tuple[dict[str, Any], bytes | None]] = []
+
+    class FakeCheckpoint:  # ray's Checkpoint.from_directory, reading what Ray would copy
+        @staticmethod
+        def from_directory(d: str) -> bytes:
+            return (Path(d) / CKPT_NAME).read_bytes()
+
+    sink = ReportSink(lambda m, checkpoint: calls.append((m, checkpoint)), FakeCheckpoint)
+    ckpt = tmp_path / "checkpoints" / "step_00000004.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"epoch-1-weights")
+    sink.log({"step/loss": 1.0}, 2)  # per-step records are not reported
+    sink.checkpoint(ckpt, 2)  # a mid-epoch checkpoint: nothing pending, nothing reported
+    sink.log({"epoch": 1, "val_acc": 0.5, "note": "x"}, 4)
+    assert calls == []  # held until its checkpoint exists
+    sink.checkpoint(ckpt, 4)
+    ((metrics, payload),) = calls
+    assert payload == b"epoch-1-weights" and metrics["val_acc"] == 0.5 and metrics["epoch"] == 1
+    assert "note" not in metrics and metrics["error"] == ""
+    assert list(ckpt.parent.iterdir()) == [ckpt]  # the temporary copy is gone
+    sink.log({"epoch": 2, "val_acc": 0.6}, 8)
+    sink.checkpoint(None, 8)  # another rank's view: metrics, no checkpoint
+    assert calls[-1][1] is None and calls[-1][0]["epoch"] == 2
+    sink.diverged("training diverged: ...", "val_acc", "max")
+    assert calls[-1][0]["val_acc"] == float("-inf") and calls[-1][0]["epoch"] == 2
+    assert calls[-1][0]["diverged"] == 1.0 and calls[-1][0]["error"] == "training diverged: ..."
+    sink.log({"epoch": 3, "val_acc": 0.7}, 12)
+    sink.close()  # a trainer that never saved: the last epoch still reaches Tune
+    assert calls[-1][0]["epoch"] == 3 and len(calls) == 4
+
+
 # ----- sweeps on Ray ---------------------------------------------------------------------------
 def test_grid_sweep_wandb_runs_csv_and_best_config_reproduces(
     ray_session: Any, synth_cifar10: Path, tmp_path: Path
@@ -238,36 +272,15 @@ def test_asha_stops_a_learning_rate_ten_times_too_high(
     assert any(r["status"] == "completed" and r["epochs"] == "4" for r in rows.values())
 
 
-def test_diverging_trial_ends_cleanly_without_failing_the_sweep(
-    ray_session: Any, synth_cifar10: Path, tmp_path: Path
-) -> None:
-    path = write_sweep(
-        tmp_path,
-        synth_cifar10,
-        {
-            "space": {"optim.lr": {"values": [0.03, 1.0e8]}},
-            "search": {"algo": "grid"},
-            "run": {"train.max_nonfinite": 2},
-        },
-        **{"train.epochs": 1},
-    )
-    out = run(path)
-    rows = {float(r["optim.lr"]): r for r in csv_rows(out.csv)}
-    assert rows[1.0e8]["status"] == "diverged"
-    assert rows[1.0e8]["error"].startswith("training diverged: 2 consecutive non-finite")
-    assert rows[0.03]["status"] == "completed"
-    assert out.best.params == {"optim.lr": 0.03}
-
-
 def flaky_trial(config: dict[str, Any], ctx: Any) -> None:
-    """run_trial, but the first attempt crashes right after reporting epoch 1 (and its
-    checkpoint), as if the node died; Tune retries it from that checkpoint."""
+    """run_trial, but for lr=0.03 the first attempt crashes right after reporting epoch 1 (and
+    its checkpoint), as if the node died; Tune retries it from that checkpoint."""
     from ray import tune
 
     from cifar_dist.tune.trainable import run_trial
 
     real = tune.report
-    if tune.get_checkpoint() is None:
+    if config["optim.lr"] == 0.03 and tune.get_checkpoint() is None:
 
         def report(metrics: dict[str, Any], *, checkpoint: Any = None) -> None:
             real(metrics, checkpoint=checkpoint)
@@ -280,23 +293,34 @@ def flaky_trial(config: dict[str, Any], ctx: Any) -> None:
         tune.report = real
 
 
-def test_failed_trial_is_retried_from_its_tune_checkpoint(
+def test_diverging_trial_ends_cleanly_and_crashed_trial_resumes(
     ray_session: Any, synth_cifar10: Path, tmp_path: Path
 ) -> None:
+    """One sweep, two failure kinds: lr=1e8 diverges to NaN (ends as `diverged`, not retried);
+    lr=0.03 crashes after epoch 1 (retried from its Tune checkpoint). The sweep completes."""
     path = write_sweep(
         tmp_path,
         synth_cifar10,
         {
-            "space": {"optim.lr": {"values": [0.03]}},
+            "space": {"optim.lr": {"values": [0.03, 1.0e8]}},
             "search": {"algo": "grid"},
+            "run": {"train.max_nonfinite": 2},
             "trial": {"max_failures": 1},
         },
-        **{"train.epochs": 3},
+        # 4 steps per epoch: the 1e8 step blows the weights up, the next two losses are NaN
+        **{"train.epochs": 2, "data.subset": 128},
     )
-    (row,) = csv_rows(run(path, trial_fn=flaky_trial).csv)
-    assert row["status"] == "completed" and row["epochs"] == "3"
-    # Epoch 1 from the first attempt, then 2 and 3 from the resumed one (not 1, 1, 2, 3).
-    assert epochs_logged(Path(row["run_dir"])) == [1, 2, 3]
+    out = run(path, trial_fn=flaky_trial)
+    rows = {float(r["optim.lr"]): r for r in csv_rows(out.csv)}
+    bad = rows[1.0e8]
+    assert bad["status"] == "diverged" and bad["epochs"] == "0"
+    assert bad["error"].startswith("training diverged: 2 consecutive non-finite")
+    assert (Path(bad["run_dir"]) / "metrics.jsonl").read_text() == ""  # one attempt, no epoch
+    good = rows[0.03]
+    assert good["status"] == "completed" and good["epochs"] == "2"
+    # Epoch 1 from the first attempt, then epoch 2 from the resumed one (not 1, 1, 2).
+    assert epochs_logged(Path(good["run_dir"])) == [1, 2]
+    assert out.best.params == {"optim.lr": 0.03}
 
 
 def test_trial_with_two_ray_train_workers(

@@ -9,6 +9,7 @@ chunks: 4-byte checksum, 2-byte little-endian length, 1-byte type FULL/FIRST/MID
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,25 @@ def read_records(run_file: Path) -> list[Any]:
     return [pb.Record.FromString(c) for c in out]
 
 
+def finished_records(run_file: Path, timeout_s: float = 30.0) -> list[Any]:
+    """The records once the `exit` record is in: wandb's core process may still be writing
+    the file for a moment after `run.finish()` returns (seen here as a missing `run` record)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        assert time.monotonic() < deadline, f"{run_file}: no exit record after {timeout_s} s"
+        time.sleep(0.2)
+
+
 def offline_run(run_dir: Path) -> dict[str, Any]:
     """{'run': RunRecord, 'config': {key: value}, 'history': [{key: value}], 'summary': {...}}
     of the single offline W&B run under <run_dir>/wandb/."""
     found = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(found) == 1, f"expected one offline W&B run in {run_dir}, found {found}"
     out: dict[str, Any] = {"run": None, "config": {}, "history": [], "summary": {}}
-    for rec in read_records(found[0]):
+    for rec in finished_records(found[0]):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out["run"] = rec.run

@@ -38,6 +38,7 @@ class ReportSink(Sink):
         self._report = report
         self._checkpoint_cls = checkpoint_cls
         self._pending: dict[str, float] | None = None
+        self._epoch = 0.0  # last epoch logged: a diverged trial's report says how far it got
         self.reports = 0
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -46,6 +47,7 @@ class ReportSink(Sink):
         if self._pending is not None:  # a Trainer whose save() does not call Sink.checkpoint
             self._send(self._pending, None)
         self._pending = {**_numeric(metrics), "step": float(step), "world_size": get_world_size()}
+        self._epoch = self._pending.get("epoch", self._epoch)
 
     def checkpoint(self, path: Path | None, step: int) -> None:
         if self._pending is None:  # a mid-epoch checkpoint (ckpt_every_steps): Tune needs none
@@ -69,7 +71,8 @@ class ReportSink(Sink):
         learns that region is bad, plus the reason (the trial itself ends normally)."""
         self._pending = None
         worst = -math.inf if mode == "max" else math.inf
-        self._send({metric: worst, "diverged": 1.0, "world_size": get_world_size()}, None, reason)
+        final = {metric: worst, "epoch": self._epoch, "diverged": 1.0}
+        self._send({**final, "world_size": get_world_size()}, None, reason)
 
     def close(self) -> None:
         if self._pending is not None:
