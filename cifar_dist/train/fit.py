@@ -177,9 +177,8 @@ def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dic
     barrier()
     train_loader, eval_loaders, classes = build_data(cfg, info.rank, dims.dp, info.device)
     sink = build_sinks(cfg, run_dir, info.is_main, config_to_dict(cfg))
-    if (
-        sinks
-    ):  # caller-supplied sinks get every call on every rank (Ray Train reports are collective)
+    # Caller-supplied sinks get every call on every rank (Ray Train's report is collective).
+    if sinks:
         sink = MultiSink([sink, *sinks])
     try:
         trainer_cls = trainer_class(cfg, dims)
