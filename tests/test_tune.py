@@ -142,6 +142,7 @@ def test_search_space_algorithms_and_asha(synth_cifar10: Path, tmp_path: Path) -
     # `high` is inclusive in the sweep file (Tune's randint excludes it)
     assert {domains["data.batch_size"].sample() for _ in range(300)} == set(range(16, 33))
     assert domains["optim.weight_decay"].categories == [0.0, 5e-4]
+    assert space.search_algorithm(sweep).max_concurrent == 2  # the default, honoured by Tune
     sched = space.scheduler(sweep, epochs=2)
     assert isinstance(sched, ASHAScheduler) and sched._max_t == 6 and sched._time_attr == "epoch"
     sweep, _, _ = load_sweep(path, ["--search.algo=bayes", "--search.max_concurrent=3"])

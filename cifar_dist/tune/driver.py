@@ -122,8 +122,7 @@ def build_tuner(
             search_alg=space.search_algorithm(sweep),
             scheduler=space.scheduler(sweep, epochs),
             num_samples=space.num_samples(sweep),
-            # bayes limits concurrency in its ConcurrencyLimiter; a second limit would be moot
-            max_concurrent_trials=(s.max_concurrent or None) if s.algo != "bayes" else None,
+            # concurrency: in the search algorithm (ConcurrencyLimiter / variant generator)
             trial_dirname_creator=_trial_dirname,
             reuse_actors=True,  # trials share a process: no torch import per trial
         ),

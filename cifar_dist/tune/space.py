@@ -39,7 +39,8 @@ def search_algorithm(sweep: SweepConfig) -> Any:
         return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=s.max_concurrent)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=s.seed)
+    # Concurrency is set here: Tune ignores TuneConfig.max_concurrent_trials for a generator.
+    return BasicVariantGenerator(max_concurrent=s.max_concurrent, random_state=s.seed)
 
 
 def num_samples(sweep: SweepConfig) -> int:
