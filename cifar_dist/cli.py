@@ -1,4 +1,4 @@
-"""`cifar-dist train|eval|data ...` — thin: parse, call library functions, turn known errors into one line."""
+"""`cifar-dist train|tune|eval|data ...` — thin: parse, call library functions, turn known errors into one line."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cifar_dist.data.errors import DataError
     from cifar_dist.train.checkpoint import CheckpointError
     from cifar_dist.train.trainer import NonFiniteError
+    from cifar_dist.tune.config import SweepError
 
     return (
         ConfigError,
+        SweepError,
         CompressError,
         DataError,
         CheckpointError,
@@ -39,6 +41,18 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     cfg = load_config(args.config, rest)
     fit(cfg)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace, rest: list[str]) -> int:
+    from cifar_dist.tune import SweepError, load_sweep
+    from cifar_dist.tune.driver import describe, run_sweep
+
+    sweep, base, _ = load_sweep(args.config, rest)
+    outcome = run_sweep(sweep, base, Path(args.config) if args.config else None)
+    print(describe(outcome, sweep), flush=True)
+    if outcome.best is None:
+        raise SweepError(f"no trial finished with a result; see {outcome.sweep_dir}/ray")
     return 0
 
 
@@ -86,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a model: cifar-dist train -c CONFIG [--section.key=value ...]"
     )
     t.add_argument("-c", "--config", help="YAML config file")
+    tu = sub.add_parser(
+        "tune",
+        help="Ray Tune sweep: cifar-dist tune -c SWEEP [--search.num_samples=N] [--data.dir=...]",
+    )
+    tu.add_argument("-c", "--config", required=True, help="sweep YAML (configs/tune/*.yaml)")
     e = sub.add_parser("eval", help="evaluate a checkpoint on its validation/test splits")
     e.add_argument("--checkpoint", required=True)
     e.add_argument(
@@ -121,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data, "compress": cmd_compress}
+    handlers = {
+        "train": cmd_train,
+        "tune": cmd_tune,
+        "eval": cmd_eval,
+        "data": cmd_data,
+        "compress": cmd_compress,
+    }
     try:
         return handlers[args.cmd](args, rest)
     except _user_errors() as e:

@@ -21,6 +21,13 @@ class Sink:
     def summary(self, metrics: dict[str, Any]) -> None:  # noqa: B027
         pass
 
+    def checkpoint(self, path: Path | None, step: int) -> None:  # noqa: B027
+        """A checkpoint was just written (every rank calls this; `path` is None off rank 0).
+
+        Trainer.end_epoch logs the epoch record and then saves, so a sink that must hand an
+        epoch's metrics and its checkpoint over together (Ray Tune) pairs them here.
+        """
+
     def close(self) -> None:  # noqa: B027
         pass
 
@@ -76,6 +83,10 @@ class MultiSink(Sink):
     def summary(self, metrics: dict[str, Any]) -> None:
         for s in self.sinks:
             s.summary(metrics)
+
+    def checkpoint(self, path: Path | None, step: int) -> None:
+        for s in self.sinks:
+            s.checkpoint(path, step)
 
     def close(self) -> None:
         for s in self.sinks:

@@ -68,14 +68,22 @@ def make_wandb_sink(cfg: Any, run_dir: Path, config_dict: dict[str, Any]) -> Wan
     from cifar_dist.utils.gitinfo import git_sha
 
     mode = resolve_mode(cfg.log.wandb.mode)
-    run = wandb.init(
-        project=cfg.log.wandb.project,
-        name=run_dir.name,
-        group=cfg.log.wandb.group or None,
-        tags=list(cfg.log.wandb.tags) or None,
-        config={**config_dict, "git_sha": git_sha()},
-        dir=str(run_dir),
-        mode=mode,
-        reinit="finish_previous",
-    )
+    kwargs: dict[str, Any] = {
+        "project": cfg.log.wandb.project,
+        "name": run_dir.name,
+        "group": cfg.log.wandb.group or None,
+        "tags": list(cfg.log.wandb.tags) or None,
+        "config": {**config_dict, "git_sha": git_sha()},
+        "dir": str(run_dir),
+        "reinit": "finish_previous",
+    }
+    try:
+        run = wandb.init(mode=mode, **kwargs)
+    except Exception as e:  # wandb raises CommError, UsageError, timeouts... for a bad network/key
+        if mode != "online":
+            raise
+        # A key but no reachable server (or a rejected key): keep training, log locally.
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        tqdm.write(f"wandb: online init failed ({why}); logging offline instead")
+        run = wandb.init(mode="offline", **kwargs)
     return WandbSink(run, run_dir)

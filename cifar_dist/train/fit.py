@@ -6,7 +6,7 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch
 
 from cifar_dist.config.load import config_to_dict, dump_config
 from cifar_dist.config.schema import Config
-from cifar_dist.logging.sinks import build_sinks
+from cifar_dist.logging.sinks import MultiSink, Sink, build_sinks
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.train.checkpoint import latest_checkpoint, load_checkpoint
 from cifar_dist.train.trainer import Trainer, micro_batch_size
@@ -171,7 +171,7 @@ def trainer_class(cfg: Config, dims: ParallelDims) -> type[Trainer]:
     return Trainer
 
 
-def run_training(cfg: Config, info: DistInfo) -> dict[str, Any]:
+def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dict[str, Any]:
     wall0 = time.perf_counter()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -186,6 +186,9 @@ def run_training(cfg: Config, info: DistInfo) -> dict[str, Any]:
     dp_rank = dims.coords(info.rank).dp
     train_loader, eval_loaders, classes = build_data(cfg, dp_rank, dims.dp, info.device)
     sink = build_sinks(cfg, run_dir, info.is_main, config_to_dict(cfg))
+    # Caller-supplied sinks get every call on every rank (Ray Train's report is collective).
+    if sinks:
+        sink = MultiSink([sink, *sinks])
     try:
         trainer_cls = trainer_class(cfg, dims)
         trainer = trainer_cls(cfg, info, dims, (train_loader, eval_loaders), run_dir, sink)
@@ -204,10 +207,14 @@ def run_training(cfg: Config, info: DistInfo) -> dict[str, Any]:
         sink.close()
 
 
-def fit(cfg: Config) -> dict[str, float]:
-    """Train (single process, or one rank of a torchrun job) and return the final metrics."""
+def fit(cfg: Config, sinks: Sequence[Sink] = ()) -> dict[str, float]:
+    """Train (single process, or one rank of a torchrun / Ray Train job) and return the final metrics.
+
+    `sinks` are extra logging sinks (e.g. the Ray Tune reporter), added on every rank and closed
+    with the run's own sinks; the training loop knows nothing about who listens.
+    """
     with distributed_session(cfg.train.device, cfg.parallel.backend) as info:
-        summary = run_training(cfg, info)
+        summary = run_training(cfg, info, sinks)
     return {
         k: float(v)
         for k, v in summary.items()

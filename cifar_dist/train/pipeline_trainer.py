@@ -165,10 +165,12 @@ class PipelineTrainer(MeshTrainer):
         if self.dims.coords(self.info.rank).dp == 0:  # one writer per pipeline rank
             save_checkpoint(shard, ckpt_dir / f"pp{self.pp_rank}", step)
         barrier()  # every shard is on disk before the manifest names it
+        path = None
         if self.info.is_main:
             state["shards"] = [f"pp{r}/{step_filename(step)}" for r in range(self.dims.pp)]
             state["pipeline"] = {"layer_ranges": self._layout()}
-            save_checkpoint(state, ckpt_dir, step)
+            path = save_checkpoint(state, ckpt_dir, step)
+        self.sink.checkpoint(path, step)  # e.g. Ray Tune pairs the epoch's metrics with it
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         layout = ckpt.get("pipeline", {}).get("layer_ranges")

@@ -200,8 +200,10 @@ class Trainer:
 
     def save(self) -> None:
         state = self.state_dict()  # collective: every rank takes part
+        path = None
         if self.info.is_main:
-            save_checkpoint(state, self.run_dir / "checkpoints", self.state.step)
+            path = save_checkpoint(state, self.run_dir / "checkpoints", self.state.step)
+        self.sink.checkpoint(path, self.state.step)
 
     # ----- one optimiser step ------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
