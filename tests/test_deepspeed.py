@@ -178,6 +178,60 @@ def test_consolidated_zero_checkpoint_evaluates_like_the_run(zero2_run: Path) ->
         assert res["test_loss"] == pytest.approx(summary["test_loss"], abs=1e-5)
 
 
+def _run_single(over: dict[str, object]) -> subprocess.CompletedProcess:
+    """One process (DeepSpeed gets a private world of one), in a subprocess: DeepSpeed keeps
+    process-wide state that should not leak into the test process."""
+    return subprocess.run(
+        [sys.executable, "-m", "cifar_dist", "train", *cli_args(over)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**ENV, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_deepspeed_builds_optimizer_and_schedule_from_the_json(
+    synth_cifar10: Path, tmp_path: Path
+) -> None:
+    """deepspeed.optimizer/scheduler=deepspeed: DeepSpeed's AdamW and WarmupCosineLR from the
+    generated JSON (torch_adam via a user JSON: FusedAdam would JIT-build for ~80 s on CPU)."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    user = tmp_path / "torch_adam.json"
+    user.write_text(json.dumps({"optimizer": {"params": {"torch_adam": True}}}))
+    over = _over(synth_cifar10, tmp_path, "dsopt", **DS)
+    over.update({"model.name": "airbench_net", "train.grad_accum": 1, "train.epochs": 2})
+    over["train.max_steps"] = 6
+    over["optim.name"] = "adamw"
+    over.update({"optim.lr": 2e-3, "schedule.name": "cosine", "schedule.warmup_epochs": 0.2})
+    over.update({"deepspeed.optimizer": "deepspeed", "deepspeed.scheduler": "deepspeed"})
+    _check(_run_single({**over, "deepspeed.config": str(user), "deepspeed.zero_stage": 2}))
+    ds_json = json.loads((tmp_path / "dsopt/ds_config.json").read_text())
+    assert ds_json["optimizer"]["type"] == "AdamW" and ds_json["optimizer"]["params"]["torch_adam"]
+    sched = ds_json["scheduler"]
+    assert sched["type"] == "WarmupCosineLR" and sched["params"]["total_num_steps"] == 30
+    opt = torch.optim.AdamW(torch.nn.Linear(1, 1).parameters(), lr=2e-3)
+    ref = WarmupCosineLR(opt, **sched["params"])
+    expected = []
+    for _ in range(6):
+        expected.append(opt.param_groups[0]["lr"])
+        ref.step()
+    logged = [
+        json.loads(x)["step/lr"] for x in (tmp_path / "dsopt/steps.jsonl").read_text().splitlines()
+    ]
+    assert logged == pytest.approx(expected, rel=1e-9)
+    losses = step_losses(tmp_path / "dsopt")
+    assert losses[-1] < losses[1]  # step 1 runs at lr 0 (WarmupCosineLR starts there)
+
+
+def test_nonfinite_steps_stop_a_deepspeed_run(synth_cifar10: Path, tmp_path: Path) -> None:
+    over = tiny_overrides(synth_cifar10, tmp_path, **DS, **{"model.name": "airbench_net"})
+    over.update({"optim.lr": 1e30, "optim.momentum": 0.0, "train.max_nonfinite": 3})
+    proc = _run_single(over)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "3 consecutive non-finite" in proc.stderr and "Traceback" not in proc.stderr
+
+
 # --- the pipeline engine ------------------------------------------------------------------
 PIPE_RUN = {"model.name": "airbench_net", "model.norm": "group"}
 

@@ -138,7 +138,8 @@ class DeepSpeedTrainer(Trainer):
         if finite:
             self.state.nonfinite_run = 0
             return norm
-        # Unlike the torch path we cannot drop the update: DeepSpeed has applied it already.
+        # DeepSpeed decides the update itself: ZeRO in fp32/fp16 skips a step whose gradient
+        # norm is not finite (counted above), stage 0 and bf16 apply it. We count and stop.
         self.state.nonfinite_run += 1
         if self.state.nonfinite_run >= self.cfg.train.max_nonfinite:
             raise NonFiniteError(
@@ -217,7 +218,7 @@ class DeepSpeedTrainer(Trainer):
         except Exception as e:  # DeepSpeed asserts on a layout it cannot load
             raise CheckpointError(
                 f"checkpoint {save_dir / tag}: DeepSpeed could not load it "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+                f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})"
             ) from None
         ours = (client or {}).get(ds_checkpoint.CLIENT_KEY)
         if path is None or ours is None:
