@@ -101,7 +101,7 @@ class DeepSpeedTrainer(Trainer):
             logits = self.engine(images)
             loss = self._loss(logits, labels)
             self.engine.backward(loss)
-            self.engine.step()  # a no-op until the accumulation boundary
+            self.engine.step()  # updates only at the accumulation boundary
             out.add(float(loss.detach()), self._correct(logits.detach(), labels), len(labels))
         out.grad_norm = self._after_step(out.losses)
         return out
@@ -110,12 +110,13 @@ class DeepSpeedTrainer(Trainer):
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         self._local_norm_sq = float(torch.nn.utils.get_total_norm(grads)) ** 2 if grads else 0.0
 
-    def _grad_norm(self) -> float:
+    def _grad_norm(self) -> float | None:
+        """The global gradient norm of this step, or None where DeepSpeed reports none."""
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             return float(norm)
         if self._local_norm_sq is None:
-            return math.nan
+            return None
         # Every data-parallel replica holds the same (averaged) gradients of its own stage, so
         # the world-wide sum counts each stage's share dp times. Stage 0 only, after clipping.
         return math.sqrt(all_reduce_sum(self._local_norm_sq, self.device) / self.dims.dp)
@@ -123,8 +124,9 @@ class DeepSpeedTrainer(Trainer):
     def _after_step(self, losses: list[float]) -> float:
         """Non-finite and stop decisions, taken identically on every rank (one all-reduce)."""
         norm = self._grad_norm()
-        fp16 = self.cfg.train.amp == "fp16"  # overflow steps are DeepSpeed's loss scaler's job
-        finite = all(math.isfinite(v) for v in losses) and (fp16 or math.isfinite(norm))
+        # fp16: overflowing steps are the loss scaler's business (DeepSpeed skips them).
+        norm_ok = norm is None or self.cfg.train.amp == "fp16" or math.isfinite(norm)
+        finite = norm_ok and all(math.isfinite(v) for v in losses)
         self.stop_requested = self.signal_received is not None
         if self.info.distributed:
             flags = torch.tensor(
@@ -132,9 +134,11 @@ class DeepSpeedTrainer(Trainer):
             )
             dist.all_reduce(flags)
             finite, self.stop_requested = bool(flags[0] == 0), bool(flags[1] > 0)
-        if self.engine.skipped_steps > self._ds_skipped:  # fp16 overflow: DeepSpeed skipped it
+        if self.engine.skipped_steps > self._ds_skipped:  # DeepSpeed dropped the update
             self.state.skipped_steps += self.engine.skipped_steps - self._ds_skipped
             self._ds_skipped = self.engine.skipped_steps
+        if norm is None:
+            norm = math.nan  # logged as NaN: this DeepSpeed optimiser keeps no norm
         if finite:
             self.state.nonfinite_run = 0
             return norm
