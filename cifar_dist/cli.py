@@ -67,6 +67,14 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_ds_consolidate(args: argparse.Namespace, rest: list[str]) -> int:
+    from cifar_dist.train.ds_checkpoint import write_consolidated
+
+    out = write_consolidated(Path(args.checkpoint), Path(args.out) if args.out else None, args.tag)
+    print(f"wrote {out} (evaluate with: cifar-dist eval --checkpoint {out})")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
     from cifar_dist.config.load import load_config
     from cifar_dist.data import prepare_store, verify_store, write_synthetic
@@ -95,6 +103,9 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cifar-dist", description=__doc__)
+    # The `deepspeed` launcher inserts --local_rank=N before the subcommand; LOCAL_RANK (which
+    # it sets too) is what we read, so the flag is accepted and ignored.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser(
         "train", help="train a model: cifar-dist train -c CONFIG [--section.key=value ...]"
@@ -134,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--n-train", type=int, default=1000)
     syn.add_argument("--n-test", type=int, default=200)
     syn.add_argument("--seed", type=int, default=0)
+    ds = sub.add_parser(
+        "ds-consolidate",
+        help="merge a DeepSpeed checkpoint (ZeRO shards, pipeline layers) into one plain file",
+    )
+    ds.add_argument(
+        "checkpoint", help="<run>/checkpoints (its 'latest' tag) or one step_* tag directory"
+    )
+    ds.add_argument("--tag", help="tag inside the checkpoint directory (default: latest)")
+    ds.add_argument("--out", help="output file (default: <checkpoints>/consolidated-<tag>.pt)")
     add_compress_parser(sub)
     return p
 
@@ -146,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": cmd_eval,
         "data": cmd_data,
         "compress": cmd_compress,
+        "ds-consolidate": cmd_ds_consolidate,
     }
     try:
         return handlers[args.cmd](args, rest)

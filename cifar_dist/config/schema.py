@@ -243,6 +243,9 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
+    engine: Literal["torch", "deepspeed"] = "torch"
+    """torch: DDP (and torch's pipeline/tensor parallel); deepspeed: deepspeed.initialize with ZeRO,
+    or DeepSpeed's pipeline engine when pp > 1 (settings in the `deepspeed` section)."""
     dp: int = -1
     """Data-parallel degree; -1 = world_size / (tp * pp)."""
     tp: int = 1
@@ -252,7 +255,7 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
     bucket_cap_mb: float = 25.0
-    """DDP gradient bucket size in MiB."""
+    """DDP gradient bucket size in MiB (also DeepSpeed ZeRO's reduce/all-gather buckets)."""
     broadcast_buffers: bool = True
     """DDP: broadcast rank 0's buffers (BatchNorm running stats) every forward."""
     gradient_as_bucket_view: bool = True
@@ -290,7 +293,7 @@ class ParallelConfig:
             "parallel.split_points",
             "must be strictly increasing layer indices >= 1",
         )
-        if self.pp == 1:
+        if self.pp == 1 or self.engine != "torch":  # DeepSpeed's pipeline: deepspeed_checks.py
             return
         interleaved = self.pp_schedule == "interleaved_1f1b"
         _check(
@@ -322,6 +325,37 @@ class ParallelConfig:
             self.dp_mode != "fsdp",
             "parallel.dp_mode",
             "fsdp with pp > 1 is not supported; use ddp (or auto)",
+        )
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Used when parallel.engine=deepspeed (see docs/deepspeed.md for the generated JSON)."""
+
+    zero_stage: int = 1
+    """ZeRO stage: 0 = plain data parallel, 1 = shard optimiser states, 2 = also gradients,
+    3 = also parameters. DeepSpeed's pipeline engine (parallel.pp > 1) allows 0 or 1 only."""
+    config: str = ""
+    """Optional DeepSpeed JSON (e.g. configs/ds/zero2_tuned.json) merged over the generated one.
+    It may set any key except those the project config owns (batch sizes, accumulation,
+    precision, clipping, ZeRO stage), which must be set here instead."""
+    optimizer: Literal["torch", "deepspeed"] = "torch"
+    """torch: the project's optimiser (optim.*) handed to deepspeed.initialize; deepspeed: an
+    'optimizer' section in the JSON, built by DeepSpeed (optim.name=adamw only: AdamW, FusedAdam
+    on GPU; DeepSpeed has no plain SGD)."""
+    scheduler: Literal["torch", "deepspeed"] = "torch"
+    """torch: the project's LR schedule (schedule.*); deepspeed: a 'scheduler' section in the JSON
+    (constant -> WarmupLR, cosine -> WarmupCosineLR, onecycle -> OneCycle; multistep has none)."""
+    partition: str = "parameters"
+    """Pipeline engine: how layers are split into stages: parameters (balance parameter counts),
+    uniform (balance layer counts) or type:<regex> (balance layers whose class matches)."""
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+        _check(
+            self.partition in ("parameters", "uniform") or self.partition.startswith("type:"),
+            "deepspeed.partition",
+            "must be parameters, uniform or type:<regex>",
         )
 
 
@@ -363,12 +397,18 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         # Cross-section checks that need several fields.
         if self.train.amp == "fp16" and self.train.device == "cpu":
             raise ConfigError("train.amp: fp16 needs a GPU (GradScaler); use bf16 on CPU")
+        if self.parallel.engine == "deepspeed":
+            from cifar_dist.config.deepspeed_checks import check_deepspeed
+
+            check_deepspeed(self)
+            return
         mesh = self.parallel.tp > 1 or self.parallel.pp > 1
         _check(
             not (mesh and self.train.ema_decay > 0),

@@ -21,7 +21,12 @@ def _ema_weights(ema_state: dict[str, Any]) -> dict[str, Any]:
 def evaluate_checkpoint(
     path: str | Path, overrides: list[str] | None = None, use_ema: bool = True
 ) -> dict[str, float]:
-    ckpt = load_checkpoint(Path(path))
+    if Path(path).is_dir():  # a DeepSpeed checkpoint: merge its shards in memory
+        from cifar_dist.train.ds_checkpoint import consolidate
+
+        ckpt = consolidate(Path(path))
+    else:
+        ckpt = load_checkpoint(Path(path))
     base = config_from_dict(ckpt["config"])
     # CLI overrides (e.g. --data.dir) apply on top of the checkpoint's own config.
     cfg = _with_overrides(base, overrides or [])

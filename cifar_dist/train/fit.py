@@ -18,9 +18,15 @@ from cifar_dist.config.load import config_to_dict, dump_config
 from cifar_dist.config.schema import Config
 from cifar_dist.logging.sinks import MultiSink, Sink, build_sinks
 from cifar_dist.parallel.mesh import ParallelDims
-from cifar_dist.train.checkpoint import latest_checkpoint, load_checkpoint
 from cifar_dist.train.trainer import Trainer, micro_batch_size
-from cifar_dist.utils.dist import DistInfo, barrier, broadcast_object, distributed_session, get_rank
+from cifar_dist.utils.dist import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    distributed_session,
+    get_rank,
+)
 from cifar_dist.utils.gitinfo import git_sha
 from cifar_dist.utils.seed import seed_everything
 
@@ -89,15 +95,6 @@ def build_data(
     return train, evals, classes
 
 
-def _find_resume(cfg: Config, run_dir: Path, device: torch.device) -> dict[str, Any] | None:
-    if not cfg.train.resume:
-        return None
-    if cfg.train.resume == "auto":
-        found = latest_checkpoint(run_dir / "checkpoints", map_location=device)
-        return found[1] if found else None
-    return load_checkpoint(Path(cfg.train.resume), map_location=device)
-
-
 def _finish(
     trainer: Trainer, cfg: Config, run_dir: Path, classes: list[str], wall0: float
 ) -> dict[str, Any]:
@@ -116,9 +113,10 @@ def _finish(
             "skipped_steps": st.skipped_steps,
             "train_s": st.train_time_s,
             "wall_s": time.perf_counter() - wall0,
-            # Every rank of one data-parallel replica counts the same samples.
-            "samples_per_s": st.train_samples * trainer.dims.dp / max(st.train_time_s, 1e-9),
-            "params": sum(p.numel() for p in trainer.model.parameters()),
+            # Every optimiser step consumes one global batch (loaders drop incomplete batches).
+            "samples_per_s": st.step * cfg.data.batch_size / max(st.train_time_s, 1e-9),
+            # ds_numel: the full size of a parameter that DeepSpeed ZeRO-3 partitioned.
+            "params": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters()),
             "world_size": trainer.info.world_size,
             "device": str(trainer.device),
             "git_sha": git_sha(),
@@ -160,6 +158,10 @@ def preemption_handlers(trainer: Trainer) -> Iterator[None]:
 
 def trainer_class(cfg: Config, dims: ParallelDims) -> type[Trainer]:
     """The training strategy for this layout: a Trainer subclass overrides its hooks."""
+    if cfg.parallel.engine == "deepspeed":
+        from cifar_dist.train.deepspeed_trainer import deepspeed_trainer_class
+
+        return deepspeed_trainer_class(dims)
     if dims.pp > 1:
         from cifar_dist.train.pipeline_trainer import PipelineTrainer
 
@@ -182,24 +184,22 @@ def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dic
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
     barrier()
-    # Shard by the dp coordinate: tp and pp peers of one replica must see the same batch.
-    dp_rank = dims.coords(info.rank).dp
-    train_loader, eval_loaders, classes = build_data(cfg, dp_rank, dims.dp, info.device)
+    trainer_cls = trainer_class(cfg, dims)
+    # tp and pp peers of one data-parallel replica must read the same batches.
+    data_rank = trainer_cls.data_rank(info.rank, dims)
+    train_loader, eval_loaders, classes = build_data(cfg, data_rank, dims.dp, info.device)
     sink = build_sinks(cfg, run_dir, info.is_main, config_to_dict(cfg))
     # Caller-supplied sinks get every call on every rank (Ray Train's report is collective).
     if sinks:
         sink = MultiSink([sink, *sinks])
     try:
-        trainer_cls = trainer_class(cfg, dims)
         trainer = trainer_cls(cfg, info, dims, (train_loader, eval_loaders), run_dir, sink)
-        ckpt = _find_resume(cfg, run_dir, info.device)
-        if ckpt is not None:
-            trainer.load_state_dict(ckpt)
-            if info.is_main:
-                print(
-                    f"resumed at epoch {trainer.state.epoch + 1}, step {trainer.state.step}",
-                    flush=True,
-                )
+        resumed = trainer.resume(cfg.train.resume)  # collective for some trainers: every rank
+        if resumed and info.is_main:
+            print(
+                f"resumed at epoch {trainer.state.epoch + 1}, step {trainer.state.step}",
+                flush=True,
+            )
         with preemption_handlers(trainer):
             trainer.run()
         return _finish(trainer, cfg, run_dir, classes, wall0)

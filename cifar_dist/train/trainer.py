@@ -22,7 +22,7 @@ from cifar_dist.logging.sinks import Sink
 from cifar_dist.models import create_model
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.parallel.parallelize import parallelize
-from cifar_dist.train.checkpoint import save_checkpoint
+from cifar_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cifar_dist.train.metrics import evaluate
 from cifar_dist.train.optim import build_optimizer, build_scheduler
 from cifar_dist.train.state import TrainState
@@ -123,6 +123,11 @@ class Trainer:
         )
 
     # ----- hooks a strategy (pipeline, DeepSpeed) overrides -----------------------------------
+    @staticmethod
+    def data_rank(rank: int, dims: ParallelDims) -> int:
+        """Which data-parallel shard global rank `rank` reads: its dp coordinate on the mesh."""
+        return dims.coords(rank).dp
+
     def setup_parallel(self) -> None:
         """Wrap `self.model` for the parallel layout; sets `self.train_model` (what forward calls)."""
         self.train_model = parallelize(self.model, self.dims, self.cfg, self.device)
@@ -197,6 +202,20 @@ class Trainer:
         self.state = TrainState.from_dict(
             states[self.info.rank] if same_layout else ckpt["train_state"]
         )
+
+    def resume(self, spec: str) -> bool:
+        """Load the checkpoint train.resume names ('auto' = newest valid one); False if none."""
+        if not spec:
+            return False
+        if spec == "auto":
+            found = latest_checkpoint(self.run_dir / "checkpoints", map_location=self.device)
+            if found is None:
+                return False
+            ckpt = found[1]
+        else:
+            ckpt = load_checkpoint(Path(spec), map_location=self.device)
+        self.load_state_dict(ckpt)
+        return True
 
     def save(self) -> None:
         state = self.state_dict()  # collective: every rank takes part

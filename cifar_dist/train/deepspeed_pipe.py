@@ -1,0 +1,97 @@
+"""parallel.engine=deepspeed with parallel.pp > 1: DeepSpeed's pipeline engine.
+
+The model's `pipeline_layers()` (whose composition is its forward) become a `PipelineModule`
+cut into pp stages; `engine.train_batch()` runs one optimiser step: train.grad_accum
+micro-batches through the stages (DeepSpeed's 1F1B schedule), gradient reduction across the
+data-parallel replicas, clipping and the step. DeepSpeed's topology puts global rank
+`stage * dp + dp_rank`; both the first stage (images) and the last (labels) read the batches
+of their data-parallel shard, so every stage of a replica builds the same loader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cifar_dist.parallel.mesh import ParallelDims
+from cifar_dist.train.deepspeed_trainer import DeepSpeedTrainer
+from cifar_dist.train.trainer import StepResult
+
+
+class DeepSpeedPipeTrainer(DeepSpeedTrainer):
+    @staticmethod
+    def data_rank(rank: int, dims: ParallelDims) -> int:
+        return rank % dims.dp  # DeepSpeed's PipeDataParallelTopology: axes (pipe, data)
+
+    def setup_parallel(self) -> None:
+        super().setup_parallel()  # DeepSpeed's runtime must exist before a PipelineModule
+        from deepspeed.pipe import PipelineModule
+
+        layers = self.model.pipeline_layers()  # type: ignore[operator]
+        # Instances, not LayerSpecs: every rank builds the whole (small) model from the same
+        # seed, so each stage starts from exactly the weights of the single-device model.
+        self.ds_module = PipelineModule(
+            layers=layers,
+            num_stages=self.dims.pp,
+            loss_fn=self._pipe_loss,
+            partition_method=self.cfg.deepspeed.partition,
+        )
+        self._owner = [self.ds_module.stage_owner(i) for i in range(len(layers))]
+        self._stats = [0.0, 0.0, 0]  # loss sum, correct, samples seen by this (last) stage
+
+    def _pipe_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Runs on the last stage, once per micro-batch; also counts what the epoch logs."""
+        loss = self._loss(logits, labels)
+        n = len(labels)
+        self._stats[0] += float(loss.detach()) * n
+        self._stats[1] += self._correct(logits.detach(), labels)
+        self._stats[2] += n
+        return loss
+
+    def _micro_batches(
+        self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(self.accum):
+            yield self._batch(*next(batches))
+
+    def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        lr = float(self.engine.get_lr()[0])
+        self._stats = [0.0, 0.0, 0]
+        # DeepSpeed broadcasts the mean micro-batch loss from the last stage to every stage.
+        loss = float(self.engine.train_batch(data_iter=self._micro_batches(batches)))
+        # Only the last stage saw the logits: it reports the samples (end_epoch and fit sum
+        # these over all ranks), the other stages report none.
+        loss_sum, correct, seen = self._stats
+        out = StepResult(lr=lr, losses=[loss], loss_sum=loss_sum, correct=correct, seen=seen)
+        out.grad_norm = self._after_step(out.losses)
+        return out
+
+    # ----- evaluation: every rank evaluates the whole model --------------------------------
+    def _sync_buffers(self) -> None:
+        """Bring every stage's current layers (parameters and buffers) to all ranks of its
+        pipeline, so `self.model` is the full trained model everywhere."""
+        grid = self.engine.grid
+        group = grid.get_pipe_parallel_group()
+        self.model.to(self.dtype)  # layers this rank does not own may still be float32
+        with torch.no_grad():
+            for idx, layer in enumerate(self.model.pipeline_layers()):  # type: ignore[operator]
+                src = grid.stage_to_global(stage_id=self._owner[idx])
+                for t in [*layer.parameters(), *layer.buffers()]:
+                    dist.broadcast(t.data, src=src, group=group)
+
+    def eval_model(self) -> nn.Module:
+        self._sync_buffers()
+        return self.model
+
+    def evaluate_split(self, split: str, confusion: bool = False) -> dict[str, Any]:
+        """Each stage evaluates its replica's shard with the full model: the world-wide sync
+        in torchmetrics then counts every sample pp times, which leaves every ratio (accuracy,
+        precision, recall, F1, mean loss) unchanged; only the confusion counts need / pp."""
+        res = super().evaluate_split(split, confusion)
+        if "confusion" in res:
+            res["confusion"] = res["confusion"] // self.dims.pp
+        return res
