@@ -21,7 +21,6 @@ from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.train.trainer import Trainer, micro_batch_size
 from cifar_dist.utils.dist import (
     DistInfo,
-    all_reduce_sum,
     barrier,
     broadcast_object,
     distributed_session,
