@@ -5,7 +5,7 @@
 #   $CIFAR_DIST_ADD_EXTRAS is appended (CI adds ffcv once its system libraries are installed).
 # torch and torchvision are installed together in an --isolated pip call: on machines whose pip is
 # configured with a local CPU-only torch wheel, that wheel cannot be paired with the registry's
-# torchvision (see ../shared/ENVIRONMENT.md on the dev machines, README "Install"). Every later install is constrained to the same pair.
+# torchvision (the registry has no CPU torchvision; its CUDA pair runs on CPU too). Every later install is constrained to the same pair.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
