@@ -83,9 +83,10 @@ class FastTrainer(Trainer):
             start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             start.record()
         super().train_epoch()
-        finished = st.step_in_epoch >= self.steps_per_epoch or self._max_steps_reached()
-        if self.lookahead is not None and finished:
-            self.lookahead.sync(self.model)  # evaluate / checkpoint the averaged weights
+        if self.lookahead is not None and st.step_in_epoch >= self.steps_per_epoch:
+            # Evaluate and checkpoint the averaged weights (airbench). Not after a max_steps or
+            # signal stop mid-epoch: a resumed run must continue from the fast weights.
+            self.lookahead.sync(self.model)
         if timed:
             end.record()
             end.synchronize()
