@@ -4,6 +4,7 @@ Lookahead, batch_size=auto, lr-find, and 2 gloo ranks against one process."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,42 @@ def test_fast_trainer_ddp_matches_single_process(synth_cifar10: Path, tmp_path: 
             torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=k)
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert ddp["val_acc"] == pytest.approx(single["val_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cifar10_fast_gpu", "cifar100_fast_gpu"])
+def test_gpu_configs_run_on_cpu(tmp_path: Path, name: str) -> None:
+    """The GPU recipes, device switched to CPU (compile off: its first compile costs ~35 s here),
+    a few steps on synthetic data in the canonical format; they report the test split."""
+    over = {
+        "data.dir": str(tmp_path / "data"),
+        "data.synthetic": 300,
+        "data.batch_size": 32,
+        "data.eval_batch_size": 30,
+        "train.device": "cpu",
+        "train.compile": False,
+        "train.threads": 0,
+        "train.max_steps": 3,
+        "train.progress": False,
+        "log.dir": str(tmp_path / "runs"),
+        "log.name": name,
+    }
+    res = fit(load_config(REPO / "configs" / f"{name}.yaml", over))
+    assert res["steps"] == 3 and "test_acc" in res and "val_acc" not in res
+    assert math.isfinite(res["test_loss"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batch_size_auto_probes_cuda_memory() -> None:
+    from cifar_dist.parallel.mesh import ParallelDims
+    from cifar_dist.train.auto_batch import resolve_auto_batch
+    from cifar_dist.utils.dist import DistInfo
+
+    cfg = load_config(FAST_CPU, {"data.batch_size": "auto", "data.auto_batch_max": 1 << 20})
+    dims = ParallelDims.from_config(cfg.parallel, 1)
+    info = DistInfo(0, 0, 1, torch.device("cuda"), "")
+    batch = resolve_auto_batch(cfg, info, dims).data.batch_size
+    assert batch >= 256 and batch & (batch - 1) == 0  # a power of two, far above the minimum
+    tight = load_config(FAST_CPU, {"data.batch_size": "auto", "data.auto_batch_headroom": 0.99})
+    smaller = resolve_auto_batch(tight, info, dims).data.batch_size
+    assert smaller < batch  # less memory allowed, smaller batch
