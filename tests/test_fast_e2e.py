@@ -217,11 +217,12 @@ def test_batch_size_auto_probes_cuda_memory() -> None:
     from cifar_dist.train.auto_batch import resolve_auto_batch
     from cifar_dist.utils.dist import DistInfo
 
-    cfg = load_config(FAST_CPU, {"data.batch_size": "auto", "data.auto_batch_max": 1 << 20})
+    auto = {"data.batch_size": "auto", "data.auto_batch_max": 1 << 20}
+    cfg = load_config(FAST_CPU, auto)
     dims = ParallelDims.from_config(cfg.parallel, 1)
     info = DistInfo(0, 0, 1, torch.device("cuda"), "")
     batch = resolve_auto_batch(cfg, info, dims).data.batch_size
     assert batch >= 256 and batch & (batch - 1) == 0  # a power of two, far above the minimum
-    tight = load_config(FAST_CPU, {"data.batch_size": "auto", "data.auto_batch_headroom": 0.9})
+    tight = load_config(FAST_CPU, {**auto, "data.auto_batch_headroom": 0.9})
     smaller = resolve_auto_batch(tight, info, dims).data.batch_size
     assert smaller < batch  # less memory allowed, smaller batch
