@@ -98,7 +98,7 @@ def airbench_net_wide(
     dropout: float = 0.0,
     drop_path: float = 0.0,
 ) -> nn.Module:
-    """airbench95's net: airbench_net with conv groups of 128/384/384 (~6.6M params).
+    """airbench95's net: airbench_net with conv groups of 128/384/384 (4.6M params).
 
     Applies: norm, groups (with norm="group"). Ignored: se, dropout, drop_path.
     """
