@@ -1,4 +1,4 @@
-"""`cifar-dist train|tune|eval|data ...` — thin: parse, call library functions, turn known errors into one line."""
+"""`cifar-dist train|tune|eval|lr-find|data|compress|ds-consolidate ...` — thin: parse, call library functions, turn known errors into one line."""
 
 from __future__ import annotations
 
@@ -53,6 +53,19 @@ def cmd_tune(args: argparse.Namespace, rest: list[str]) -> int:
     print(describe(outcome, sweep), flush=True)
     if outcome.best is None:
         raise SweepError(f"no trial finished with a result; see {outcome.sweep_dir}/ray")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace, rest: list[str]) -> int:
+    from cifar_dist.config.load import load_config
+    from cifar_dist.train.lr_find import lr_find
+
+    cfg = load_config(args.config, rest)
+    res = lr_find(cfg, args.start, args.end, args.steps, beta=args.smooth, diverge=args.diverge)
+    print(
+        f"suggested optim.lr = {res['suggested_lr']:.4g} ({res['lr_units']} units; "
+        f"min-loss/10 = {res['min_loss_lr_div10']:.4g}); plot: {res['png']}"
+    )
     return 0
 
 
@@ -121,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist"
     )
+    lf = sub.add_parser(
+        "lr-find", help="LR range test: cifar-dist lr-find -c CONFIG [--start --end --steps]"
+    )
+    lf.add_argument("-c", "--config", help="YAML config file")
+    lf.add_argument("--start", type=float, default=1e-4, help="first LR (optim.lr units)")
+    lf.add_argument("--end", type=float, default=10.0, help="last LR (optim.lr units)")
+    lf.add_argument("--steps", type=int, default=100, help="optimiser steps in the sweep")
+    lf.add_argument("--smooth", type=float, default=0.9, help="EMA factor of the loss curve")
+    lf.add_argument("--diverge", type=float, default=4.0, help="stop above this x min loss")
     d = sub.add_parser("data", help="import, verify, synthesise datasets or write FFCV betons")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     imp = dsub.add_parser(
@@ -167,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": cmd_data,
         "compress": cmd_compress,
         "ds-consolidate": cmd_ds_consolidate,
+        "lr-find": cmd_lr_find,
     }
     try:
         return handlers[args.cmd](args, rest)

@@ -89,6 +89,10 @@ def _convert_cpu(module: nn.Module, group: dist.ProcessGroup | None) -> nn.Modul
             process_group=group,
         ).to(device=ref.device, dtype=ref.dtype)
         new.load_state_dict(module.state_dict())
+        for p_new, p_old in zip(new.parameters(), module.parameters()):
+            p_new.requires_grad_(
+                p_old.requires_grad
+            )  # keep frozen scales frozen (model.norm_weight)
         new.train(module.training)
         return new
     for name, child in module.named_children():

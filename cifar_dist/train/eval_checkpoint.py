@@ -45,6 +45,7 @@ def evaluate_checkpoint(
                 amp_dtype=AMP_DTYPES[cfg.train.amp],
                 channels_last=cfg.train.channels_last,
                 tta=cfg.train.tta,
+                tta_translate=cfg.train.tta_translate,
             )
             out.update({f"{split}_{k}": float(v) for k, v in res.items()})
     return out

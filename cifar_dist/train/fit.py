@@ -157,6 +157,11 @@ def preemption_handlers(trainer: Trainer) -> Iterator[None]:
 
 def trainer_class(cfg: Config, dims: ParallelDims) -> type[Trainer]:
     """The training strategy for this layout: a Trainer subclass overrides its hooks."""
+    from cifar_dist.train.fast_trainer import FastTrainer, check_layout, uses_fast_trainer
+
+    if uses_fast_trainer(cfg):  # whitening stem / Lookahead (airbench recipe options)
+        check_layout(cfg, dims)
+        return FastTrainer
     if cfg.parallel.engine == "deepspeed":
         from cifar_dist.train.deepspeed_trainer import deepspeed_trainer_class
 
@@ -178,6 +183,10 @@ def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dic
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     dims = ParallelDims.from_config(cfg.parallel, info.world_size, info.device.type)
+    if cfg.data.batch_size == "auto":
+        from cifar_dist.train.auto_batch import resolve_auto_batch
+
+        cfg = resolve_auto_batch(cfg, info, dims)  # an int from here on (saved in config.yaml)
     run_dir = resolve_run_dir(cfg)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

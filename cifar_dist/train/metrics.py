@@ -33,12 +33,31 @@ def build_metrics(
     ).to(device)
 
 
-def tta_logits(model: nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:
-    """Logits, averaged with those of the horizontally flipped image when `tta`."""
-    logits = model(images)
-    if tta:
-        logits = 0.5 * (logits + model(images.flip(-1)))
-    return logits
+def _flip_pair(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (model(images) + model(images.flip(-1)))
+
+
+def tta_logits(
+    model: nn.Module, images: torch.Tensor, tta: bool, translate: int = 0
+) -> torch.Tensor:
+    """Logits averaged over test-time views.
+
+    tta=False: the image alone. tta=True: the image and its horizontal flip, 1/2 each. With
+    `translate` = t > 0 as well (airbench's tta_level 2, t = 1): 1/2 on that flip pair plus 1/4
+    on each flip pair of the image shifted t pixels up-left and down-right (reflect padding),
+    i.e. 6 views weighted as if flip and shift were drawn at random.
+    """
+    if not tta:
+        return model(images)
+    logits = _flip_pair(model, images)
+    if translate <= 0:
+        return logits
+    t, h, w = translate, images.shape[-2], images.shape[-1]
+    padded = F.pad(images, (t, t, t, t), mode="reflect")
+    up_left = padded[..., :h, :w]
+    down_right = padded[..., 2 * t : 2 * t + h, 2 * t : 2 * t + w]
+    shifted = 0.5 * (_flip_pair(model, up_left) + _flip_pair(model, down_right))
+    return 0.5 * logits + 0.5 * shifted
 
 
 @torch.no_grad()
@@ -51,6 +70,7 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     tta: bool = False,
+    tta_translate: int = 0,
     confusion: bool = False,
     process_group: Any = None,
 ) -> dict[str, Any]:
@@ -75,7 +95,7 @@ def evaluate(
         with torch.autocast(
             device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
-            logits = tta_logits(model, images, tta)
+            logits = tta_logits(model, images, tta, tta_translate)
         logits = logits.to(dtype)
         loss_mean.update(F.cross_entropy(logits, labels, reduction="none"))
         metrics.update(logits, labels)

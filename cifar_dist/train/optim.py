@@ -29,28 +29,111 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norm weights and embeddings-like 1-D/0-D tensors (standard practice)."""
-    decay, no_decay = [], []
+def momentum_scale(momentum: float) -> float:
+    """How much larger than the gradient a Nesterov step becomes under a constant gradient, as
+    airbench defines it (1 + 1 / (1 - momentum)); dividing by it decouples lr from momentum."""
+    return 1.0 + 1.0 / (1.0 - momentum)
+
+
+def torch_lr_and_decay(cfg: OptimConfig, lr: float, global_batch: int) -> tuple[float, float]:
+    """(torch lr for a mean loss, weight decay *per step* as a fraction of each weight).
+
+    lr_units=torch: lr as given, per-step decay lr * weight_decay (SGD's L2 term).
+    lr_units=per_1024 (airbench): `lr` moves the weights per 1024 examples' summed gradient, so
+    with a mean loss over B examples torch's lr is lr * B / (1024 * momentum_scale); the decay
+    is `weight_decay` per 1024 examples, B / (1024 * momentum_scale) of it per step.
+    """
+    if cfg.lr_units == "torch":
+        return lr, lr * cfg.weight_decay
+    per_step = global_batch / (1024.0 * momentum_scale(cfg.momentum))
+    return lr * per_step, cfg.weight_decay * per_step
+
+
+def _norm_params(model: nn.Module) -> tuple[set[int], set[int]]:
+    """ids of (norm-layer biases, norm-layer weights) of the CNN norms and LayerNorms."""
+    biases, weights = set(), set()
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+            if getattr(m, "bias", None) is not None:
+                biases.add(id(m.bias))
+            if getattr(m, "weight", None) is not None:
+                weights.add(id(m.weight))
+    return biases, weights
+
+
+def param_groups(
+    model: nn.Module, cfg: OptimConfig, lr: float, decay_per_step: float, muon: bool = False
+) -> list[dict]:
+    """Parameter groups with their own lr and torch weight-decay coefficient.
+
+    Groups: weights (>= 2-D; decayed), vectors (biases, norm scales, pos_embed/cls_token; no
+    decay unless `decay_vectors`), norm biases (lr x `norm_bias_lr_scale`), and with `muon` the
+    4-D conv filters (flagged "muon": True). A group's L2 coefficient is decay_per_step / its lr,
+    so every decayed group loses the same fraction per step whatever its lr multiplier (airbench:
+    the bias multiplier scales the lr, not the decay). The first group is the main weights
+    group, whose lr the trainer logs. Frozen (requires_grad=False) parameters are left out.
+    """
+    norm_biases, _ = _norm_params(model)
+    kinds: dict[str, list[nn.Parameter]] = {
+        "weights": [],
+        "vectors": [],
+        "norm_bias": [],
+        "muon": [],
+    }
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_vector = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token"))
-        (no_decay if is_vector else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        if muon and p.ndim == 4:
+            kinds["muon"].append(p)
+        elif id(p) in norm_biases:
+            kinds["norm_bias"].append(p)
+        elif p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")):
+            kinds["vectors"].append(p)
+        else:
+            kinds["weights"].append(p)
+    scale = {"weights": 1.0, "vectors": 1.0, "norm_bias": cfg.norm_bias_lr_scale}
+    groups: list[dict] = []
+    for kind in ("weights", "vectors", "norm_bias"):
+        group_lr = lr * scale[kind]
+        decayed = kind == "weights" or cfg.decay_vectors
+        wd = decay_per_step / group_lr if decayed and group_lr > 0 else 0.0
+        groups.append({"params": kinds[kind], "lr": group_lr, "weight_decay": wd, "kind": kind})
+    if muon:
+        groups.append(
+            {
+                "params": kinds["muon"],
+                "lr": cfg.muon_lr,
+                "momentum": cfg.muon_momentum,
+                "weight_decay": 0.0,
+                "muon": True,
+                "kind": "muon",
+            }
+        )
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
-    lr = scaled_lr(cfg, global_batch)
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+    lr, decay = torch_lr_and_decay(cfg, scaled_lr(cfg, global_batch), global_batch)
+    if cfg.name == "adamw":
+        # AdamW's decay is decoupled (lr * wd per step): keep the torch coefficient as given.
+        groups = param_groups(model, cfg, lr, lr * cfg.weight_decay)
+        for g in groups:
+            g["weight_decay"] = cfg.weight_decay if g["weight_decay"] > 0 else 0.0
+        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, cfg.beta2))
+    nesterov = cfg.nesterov and cfg.momentum > 0
+    groups = param_groups(model, cfg, lr, decay, muon=cfg.name == "muon")
+    if cfg.name == "muon":
+        from cifar_dist.train.muon import MuonSGD
+
+        return MuonSGD(
+            groups,
+            lr=lr,
+            momentum=cfg.momentum,
+            nesterov=nesterov,
+            ns_steps=cfg.muon_ns_steps,
+            normalize=cfg.muon_normalize,
         )
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, cfg.beta2))
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=nesterov)
 
 
 def build_scheduler(
@@ -61,6 +144,8 @@ def build_scheduler(
     if cfg.name == "onecycle":
         max_lrs = [g["lr"] for g in optimizer.param_groups]
         return OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total, pct_start=cfg.pct_start)
+    if cfg.name == "triangle":
+        return triangle_schedule(optimizer, cfg, total)
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
     rest = total - warmup
     if cfg.name == "cosine":
@@ -77,3 +162,20 @@ def build_scheduler(
         return main
     ramp = LinearLR(optimizer, start_factor=1.0 / (warmup + 1), end_factor=1.0, total_iters=warmup)
     return SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+
+
+def triangle_schedule(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total: int
+) -> LRScheduler:
+    """airbench's triangle: start_factor -> 1 over pct_start of the steps, then -> end_factor.
+
+    Two torch LinearLRs in sequence; the second starts where the first ends (factor 1).
+    """
+    peak = min(max(1, int(cfg.pct_start * total)), total - 1)
+    if peak < 1:  # a one-step run: constant at the start factor
+        return LinearLR(optimizer, cfg.start_factor, cfg.start_factor, total_iters=1)
+    up = LinearLR(optimizer, start_factor=cfg.start_factor, end_factor=1.0, total_iters=peak)
+    down = LinearLR(
+        optimizer, start_factor=1.0, end_factor=cfg.end_factor, total_iters=total - peak
+    )
+    return SequentialLR(optimizer, [up, down], milestones=[peak])

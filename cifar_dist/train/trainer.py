@@ -72,6 +72,9 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
         dropout=m.dropout,
         drop_path=m.drop_path,
     )
+    from cifar_dist.train.model_init import apply_model_options
+
+    apply_model_options(model, m)  # norm momentum/eps/frozen scale, dirac init (recipe options)
     fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
     dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
     return model.to(device=device, dtype=dtype, memory_format=fmt)
@@ -357,6 +360,7 @@ class Trainer:
             amp_dtype=self.amp_dtype,
             channels_last=self.cfg.train.channels_last,
             tta=self.cfg.train.tta,
+            tta_translate=self.cfg.train.tta_translate,
             confusion=confusion,
         )
 
