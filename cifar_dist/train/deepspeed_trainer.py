@@ -25,7 +25,13 @@ from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.parallel.sync_norm import convert_sync_batchnorm
 from cifar_dist.train import ds_checkpoint
 from cifar_dist.train.checkpoint import CheckpointError
-from cifar_dist.train.optim import build_optimizer, build_scheduler, param_groups
+from cifar_dist.train.optim import (
+    adamw_param_groups,
+    build_optimizer,
+    build_scheduler,
+    scaled_lr,
+    torch_lr_and_decay,
+)
 from cifar_dist.train.state import TrainState
 from cifar_dist.train.trainer import NonFiniteError, StepResult, Trainer, build_model
 from cifar_dist.utils.dist import all_reduce_sum, barrier
@@ -64,7 +70,10 @@ class DeepSpeedTrainer(Trainer):
         if cfg.deepspeed.scheduler == "torch":
             # A callable: DeepSpeed calls it with the optimiser it built (or ours).
             scheduler = torch_schedule
-        groups = param_groups(self.ds_module, cfg.optim.weight_decay)
+        # For DeepSpeed's own optimiser (AdamW only): the same groups as the torch path.
+        batch = cfg.data.batch_size
+        lr, _ = torch_lr_and_decay(cfg.optim, scaled_lr(cfg.optim, batch), batch)
+        groups = adamw_param_groups(self.ds_module, cfg.optim, lr)
         self.engine = initialize(self.ds_module, self.ds_config, optimizer, scheduler, groups)
         ds_checkpoint.install_safe_engine(self.engine)
         self.train_model = self.engine

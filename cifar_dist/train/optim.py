@@ -112,13 +112,19 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
+def adamw_param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
+    """param_groups for AdamW, whose decay is decoupled (lr * wd per step): the torch coefficient
+    stays as configured on every decayed group."""
+    groups = param_groups(model, cfg, lr, lr * cfg.weight_decay)
+    for g in groups:
+        g["weight_decay"] = cfg.weight_decay if g["weight_decay"] > 0 else 0.0
+    return groups
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
     lr, decay = torch_lr_and_decay(cfg, scaled_lr(cfg, global_batch), global_batch)
     if cfg.name == "adamw":
-        # AdamW's decay is decoupled (lr * wd per step): keep the torch coefficient as given.
-        groups = param_groups(model, cfg, lr, lr * cfg.weight_decay)
-        for g in groups:
-            g["weight_decay"] = cfg.weight_decay if g["weight_decay"] > 0 else 0.0
+        groups = adamw_param_groups(model, cfg, lr)
         return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, cfg.beta2))
     nesterov = cfg.nesterov and cfg.momentum > 0
     groups = param_groups(model, cfg, lr, decay, muon=cfg.name == "muon")
