@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/tune_search.py --data.dir=/work/main/data
 
 Runs two sweeps through the CLI (exactly what users run), both from configs/tune/lr_bs_grid.yaml's
-run settings (configs/cifar10_cpu.yaml, airbench_net, 2 epochs on 10,000 training images, scored
+run settings (configs/cifar10_cpu.yaml's recipe on airbench_net, 2 epochs on 20,000 training images, scored
 on the 5,000-image validation split):
-  grid:  every lr in --lrs x every batch size in --batch-sizes (16 trials by default);
+  grid:  every lr in --lrs x every batch size in --batch-sizes (12 trials by default);
   bayes: Optuna TPE over the same box (lr log-uniform in [min, max] of --lrs, batch size a choice
          of --batch-sizes), as many trials as the grid.
 Then prints a markdown table (best val_acc after k trials, k = 1..N, trials in start order) and
@@ -100,8 +100,8 @@ def plot(curves: dict[str, list[float]], out: Path) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--lrs", default="0.05,0.1,0.2,0.4")
-    p.add_argument("--batch-sizes", default="128,256,512,1024")
+    p.add_argument("--lrs", default="3,6,12,24", help="per 1024 examples")
+    p.add_argument("--batch-sizes", default="256,512,1024")
     p.add_argument("--concurrent", type=int, default=2, help="trials at once (both sweeps)")
     p.add_argument("--startup", type=int, default=5, help="bayes: random trials before TPE")
     p.add_argument("--seed", type=int, default=0)
