@@ -41,6 +41,18 @@ def test_onecycle_peaks_at_pct_start() -> None:
     assert max(lrs) == pytest.approx(0.1, rel=1e-3)
 
 
+@pytest.mark.parametrize("name", ["onecycle", "cosine", "triangle", "multistep"])
+def test_schedules_survive_very_short_runs(name: str) -> None:
+    for total in range(1, 7):  # e.g. a tiny dataset: a handful of steps in the whole run
+        cfg = load_config(None, {"schedule.name": name})
+        opt = build_optimizer(torch.nn.Linear(4, 2), cfg.optim, 128)
+        sched = build_scheduler(opt, cfg.schedule, steps_per_epoch=total, epochs=1)
+        for _ in range(total):
+            assert math.isfinite(opt.param_groups[0]["lr"]) and opt.param_groups[0]["lr"] > 0
+            opt.step()
+            sched.step()
+
+
 def test_multistep_drops() -> None:
     lrs = _lrs("multistep", warmup_epochs=0.0, milestones=[0.5], gamma=0.1)
     assert lrs[10] == pytest.approx(0.1)

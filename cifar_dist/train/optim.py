@@ -148,8 +148,12 @@ def build_scheduler(
     """Stepped once per optimiser step over `epochs * steps_per_epoch` steps."""
     total = max(1, steps_per_epoch * epochs)
     if cfg.name == "onecycle":
+        if total < 3:  # too short for a rise and a fall: OneCycleLR would divide by zero
+            return ConstantLR(optimizer, factor=1.0, total_iters=0)
+        # Each phase needs at least one step (OneCycleLR divides by the phase length).
+        pct = min(max(cfg.pct_start, 2 / total), (total - 1) / total)
         max_lrs = [g["lr"] for g in optimizer.param_groups]
-        return OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total, pct_start=cfg.pct_start)
+        return OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total, pct_start=pct)
     if cfg.name == "triangle":
         return triangle_schedule(optimizer, cfg, total)
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
