@@ -15,7 +15,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from cifar_dist.config.schema import ConfigError
     from cifar_dist.data.errors import DataError
     from cifar_dist.train.checkpoint import CheckpointError
-    from cifar_dist.train.trainer import NonFiniteError
+    from cifar_dist.train.common import NonFiniteError
     from cifar_dist.tune.config import SweepError
 
     return (
@@ -30,7 +30,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _preempted() -> type[BaseException]:
-    from cifar_dist.train.trainer import Preempted
+    from cifar_dist.train.common import Preempted
 
     return Preempted
 

@@ -45,7 +45,7 @@ def test_memorises_256_images(synth_cifar10: Path, tmp_path: Path) -> None:
     cfg = load_config(None, over)
     fit(cfg)
     model_state = _weights(tmp_path / "t")
-    from cifar_dist.train.trainer import build_model
+    from cifar_dist.train.common import build_model
 
     model = build_model(cfg, torch.device("cpu"))
     model.load_state_dict(model_state)
@@ -86,7 +86,7 @@ def test_grad_accumulation_matches_full_batch(synth_cifar10: Path, tmp_path: Pat
     )
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "accum")
     init = load_config(None, tiny_overrides(synth_cifar10, tmp_path, **common))
-    from cifar_dist.train.trainer import build_model
+    from cifar_dist.train.common import build_model
 
     torch.manual_seed(init.train.seed)
     w0 = build_model(init, torch.device("cpu")).state_dict()

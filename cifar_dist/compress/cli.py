@@ -56,7 +56,7 @@ def load_trained(
     """The float model of a checkpoint (EMA weights if present) on the CPU, and its config."""
     from cifar_dist.config.load import config_from_dict, merge_trees, parse_overrides
     from cifar_dist.train.checkpoint import load_checkpoint
-    from cifar_dist.train.trainer import build_model
+    from cifar_dist.train.common import build_model
 
     ckpt = load_checkpoint(checkpoint)
     cfg = config_from_dict(merge_trees(ckpt["config"], parse_overrides(overrides)))

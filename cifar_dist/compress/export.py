@@ -122,7 +122,7 @@ def save_float_model(
 def load_float_model(path: Path) -> nn.Module:
     """Rebuild a model saved by `save_float_model` (loads with weights_only=True)."""
     from cifar_dist.config.load import config_from_dict
-    from cifar_dist.train.trainer import build_model
+    from cifar_dist.train.common import build_model
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     cfg = config_from_dict(state["config"])

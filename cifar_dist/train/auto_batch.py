@@ -56,7 +56,7 @@ def _probe_batch(
 
 
 def _autocast(cfg: Config, device: torch.device) -> torch.autocast:
-    from cifar_dist.train.trainer import AMP_DTYPES
+    from cifar_dist.train.common import AMP_DTYPES
 
     amp = AMP_DTYPES[cfg.train.amp]
     return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
@@ -64,8 +64,8 @@ def _autocast(cfg: Config, device: torch.device) -> torch.autocast:
 
 def cuda_step_fits(cfg: Config, device: torch.device, micro: int, headroom: float) -> bool:
     """One real training step at `micro` on `device`: no OOM and peak within the budget."""
+    from cifar_dist.train.common import build_model
     from cifar_dist.train.optim import build_optimizer
-    from cifar_dist.train.trainer import build_model
 
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
@@ -90,7 +90,7 @@ def cuda_step_fits(cfg: Config, device: torch.device, micro: int, headroom: floa
 
 def cpu_step_bytes(cfg: Config) -> tuple[int, float]:
     """(parameter bytes, bytes autograd saves for backward per image) of the model on CPU."""
-    from cifar_dist.train.trainer import build_model
+    from cifar_dist.train.common import build_model
 
     model, seen, total = build_model(cfg, torch.device("cpu")), set(), 0
 

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 from cifar_dist.parallel.mesh import ParallelDims
+from cifar_dist.train.common import StepResult
 from cifar_dist.train.deepspeed_trainer import DeepSpeedTrainer
-from cifar_dist.train.trainer import StepResult
 
 
 class DeepSpeedPipeTrainer(DeepSpeedTrainer):

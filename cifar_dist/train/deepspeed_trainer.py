@@ -25,6 +25,7 @@ from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.parallel.sync_norm import convert_sync_batchnorm
 from cifar_dist.train import ds_checkpoint
 from cifar_dist.train.checkpoint import CheckpointError
+from cifar_dist.train.common import NonFiniteError, StepResult, build_model
 from cifar_dist.train.optim import (
     adamw_param_groups,
     build_optimizer,
@@ -33,7 +34,7 @@ from cifar_dist.train.optim import (
     torch_lr_and_decay,
 )
 from cifar_dist.train.state import TrainState
-from cifar_dist.train.trainer import NonFiniteError, StepResult, Trainer, build_model
+from cifar_dist.train.trainer import Trainer
 from cifar_dist.utils.dist import all_reduce_sum, barrier
 from cifar_dist.utils.seed import rng_state, set_rng_state
 

@@ -164,7 +164,7 @@ def _check_pickles(tag_dir: Path) -> None:
 def _pipeline_weights(tag_dir: Path, layer_files: list[Path], config: dict[str, Any]) -> dict:
     """Per-layer files of the pipeline engine, renamed to the plain model's state-dict keys."""
     from cifar_dist.config.load import config_from_dict
-    from cifar_dist.train.trainer import build_model
+    from cifar_dist.train.common import build_model
 
     model = build_model(config_from_dict(config), torch.device("cpu"))
     names = {id(m): n for n, m in model.named_modules()}

@@ -7,9 +7,9 @@ from typing import Any
 
 from cifar_dist.config.load import config_from_dict, config_to_dict, merge_trees, parse_overrides
 from cifar_dist.train.checkpoint import load_checkpoint
+from cifar_dist.train.common import AMP_DTYPES, build_model
 from cifar_dist.train.fit import build_data
 from cifar_dist.train.metrics import evaluate
-from cifar_dist.train.trainer import AMP_DTYPES, build_model
 from cifar_dist.utils.dist import distributed_session
 
 

@@ -15,9 +15,10 @@ import torch
 
 from cifar_dist.config.schema import Config, ConfigError
 from cifar_dist.parallel.mesh import ParallelDims
+from cifar_dist.train.common import StepResult
 from cifar_dist.train.lookahead import Lookahead
 from cifar_dist.train.model_init import init_whitening
-from cifar_dist.train.trainer import StepResult, Trainer
+from cifar_dist.train.trainer import Trainer
 
 
 def uses_fast_trainer(cfg: Config) -> bool:

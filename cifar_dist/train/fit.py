@@ -18,7 +18,8 @@ from cifar_dist.config.load import config_to_dict, dump_config
 from cifar_dist.config.schema import Config
 from cifar_dist.logging.sinks import MultiSink, Sink, build_sinks
 from cifar_dist.parallel.mesh import ParallelDims
-from cifar_dist.train.trainer import Trainer, micro_batch_size
+from cifar_dist.train.common import micro_batch_size
+from cifar_dist.train.trainer import Trainer
 from cifar_dist.utils.dist import (
     DistInfo,
     barrier,

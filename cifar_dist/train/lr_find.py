@@ -28,8 +28,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from cifar_dist.config.schema import Config, ConfigError
 from cifar_dist.logging.sinks import Sink
 from cifar_dist.parallel.mesh import ParallelDims
+from cifar_dist.train.common import NonFiniteError
 from cifar_dist.train.optim import build_optimizer
-from cifar_dist.train.trainer import NonFiniteError, Trainer
+from cifar_dist.train.trainer import Trainer
 from cifar_dist.utils.dist import distributed_session
 
 

@@ -27,11 +27,11 @@ from cifar_dist.parallel.pipeline import (
     warn_batchnorm,
 )
 from cifar_dist.train.checkpoint import CheckpointError, save_checkpoint, step_filename
+from cifar_dist.train.common import StepResult, micro_batch_size
 from cifar_dist.train.grad_norm import clip_grad_norm
 from cifar_dist.train.mesh_trainer import MeshTrainer
 from cifar_dist.train.metrics import evaluate
 from cifar_dist.train.optim import build_optimizer, build_scheduler
-from cifar_dist.train.trainer import StepResult, micro_batch_size
 from cifar_dist.utils.dist import barrier
 
 IMAGE_SHAPE = (3, 32, 32)  # every registered model takes CIFAR-sized images

@@ -6,7 +6,6 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,74 +18,22 @@ from tqdm import tqdm
 
 from cifar_dist.config.schema import Config, ConfigError
 from cifar_dist.logging.sinks import Sink
-from cifar_dist.models import create_model
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.parallel.parallelize import parallelize
 from cifar_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cifar_dist.train.common import (
+    AMP_DTYPES,
+    NonFiniteError,
+    Preempted,
+    StepResult,
+    build_model,
+)
 from cifar_dist.train.metrics import evaluate
 from cifar_dist.train.optim import build_optimizer, build_scheduler
 from cifar_dist.train.state import TrainState
 from cifar_dist.utils.dist import DistInfo, all_reduce_sum
 from cifar_dist.utils.faults import maybe_inject_fault
 from cifar_dist.utils.seed import rng_state, set_rng_state
-
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite losses or gradient norms."""
-
-
-@dataclass
-class StepResult:
-    """What one optimiser step reports back to the epoch loop (this rank's view)."""
-
-    lr: float
-    losses: list[float] = field(default_factory=list)
-    """Mean loss of each micro-batch."""
-    loss_sum: float = 0.0
-    """Sum over samples of the loss (for the epoch mean)."""
-    correct: float = 0.0
-    seen: int = 0
-    grad_norm: float = 0.0
-
-    def add(self, loss: float, correct: float, n: int) -> None:
-        self.losses.append(loss)
-        self.loss_sum += loss * n
-        self.correct += correct
-        self.seen += n
-
-
-class Preempted(RuntimeError):
-    """A SIGTERM/SIGUSR1 stopped the run after a checkpoint; resume with --train.resume=auto."""
-
-
-def build_model(cfg: Config, device: torch.device) -> nn.Module:
-    m = cfg.model
-    model = create_model(
-        m.name,
-        num_classes=cfg.data.num_classes,
-        norm=m.norm,
-        groups=m.groups,
-        se=m.se,
-        dropout=m.dropout,
-        drop_path=m.drop_path,
-    )
-    from cifar_dist.train.model_init import apply_model_options
-
-    apply_model_options(model, m)  # norm momentum/eps/frozen scale, dirac init (recipe options)
-    fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
-    dtype = torch.float64 if cfg.train.dtype == "float64" else torch.float32
-    return model.to(device=device, dtype=dtype, memory_format=fmt)
-
-
-def micro_batch_size(cfg: Config, dp: int) -> int:
-    per_step = dp * cfg.train.grad_accum
-    if cfg.data.batch_size % per_step:
-        raise ConfigError(
-            f"data.batch_size: {cfg.data.batch_size} is not divisible by dp*grad_accum = {per_step}"
-        )
-    return cfg.data.batch_size // per_step
 
 
 class Trainer:

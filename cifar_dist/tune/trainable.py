@@ -18,8 +18,8 @@ from typing import Any
 
 from cifar_dist.config.load import load_config
 from cifar_dist.config.schema import Config
+from cifar_dist.train.common import NonFiniteError
 from cifar_dist.train.fit import fit
-from cifar_dist.train.trainer import NonFiniteError
 from cifar_dist.tune.report import CKPT_NAME, ReportSink
 
 
