@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from doc_table import append_row  # noqa: E402 - benchmarks/ is this script's directory
+
 SECTION = "## Time to accuracy (`benchmarks/time_to_accuracy.py`)"
 HEADER = (
     "| date | command | device | runs | accuracy (%) | train s | wall s | warm-up s | git |\n"
@@ -72,21 +74,6 @@ def run(config: str, overrides: list[str], seed: int, name: str, max_steps: int 
     res = fit(load_config(config, [*overrides, *extra]))
     res["fit_s"] = time.perf_counter() - t0
     return res
-
-
-def append_row(doc: Path, row: str) -> None:
-    """Add `row` at the end of this benchmark's table (created at the end of `doc` if absent)."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{HEADER}\n"
-    lines = text.splitlines()
-    i = lines.index(SECTION) + 1
-    while i < len(lines) and not lines[i].startswith("|"):  # to the table
-        i += 1
-    while i < len(lines) and lines[i].startswith("|"):  # past its last row
-        i += 1
-    lines.insert(i, row)
-    doc.write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
@@ -129,7 +116,7 @@ def main() -> int:
         f"{split} accuracy {mean_std(accs)} %, train {mean_std(trains)} s, warm-up {warm_s:.1f} s"
     )
     print(row)
-    append_row(Path(args.doc), row)
+    append_row(Path(args.doc), SECTION, HEADER, row)
     return 0
 
 

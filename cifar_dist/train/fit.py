@@ -96,7 +96,7 @@ def build_data(
 
 
 def _finish(
-    trainer: Trainer, cfg: Config, run_dir: Path, classes: list[str], wall0: float
+    trainer: Trainer, cfg: Config, run_dir: Path, classes: list[str], wall0: float, sha: str
 ) -> dict[str, Any]:
     st = trainer.state
     summary: dict[str, Any] = {}
@@ -119,7 +119,7 @@ def _finish(
             "params": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters()),
             "world_size": trainer.info.world_size,
             "device": str(trainer.device),
-            "git_sha": git_sha(),
+            "git_sha": sha,
         }
     )
     if trainer.info.is_main:
@@ -180,6 +180,7 @@ def trainer_class(cfg: Config, dims: ParallelDims) -> type[Trainer]:
 
 def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dict[str, Any]:
     wall0 = time.perf_counter()
+    sha = git_sha()  # at the start: the code that ran, even if the checkout moves meanwhile
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
@@ -211,7 +212,7 @@ def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dic
             )
         with preemption_handlers(trainer):
             trainer.run()
-        return _finish(trainer, cfg, run_dir, classes, wall0)
+        return _finish(trainer, cfg, run_dir, classes, wall0, sha)
     finally:
         sink.close()
 
