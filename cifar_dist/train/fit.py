@@ -46,9 +46,10 @@ def ensure_synthetic(cfg: Config) -> None:
     from cifar_dist.data.cifar import canonical_dir
 
     root = resolve_data_dir(cfg.data)
-    if (root / cfg.data.dataset).exists() or canonical_dir(root, cfg.data.dataset).exists():
-        return
-    if get_rank() == 0:
+    # Rank 0 alone looks and writes; every rank waits at the barrier. (A rank that looked for
+    # itself could see rank 0's half-written directory, skip the barrier and read missing files.)
+    have = (root / cfg.data.dataset).exists() or canonical_dir(root, cfg.data.dataset).exists()
+    if get_rank() == 0 and not have:
         n = cfg.data.synthetic
         write_synthetic(
             root, cfg.data.dataset, n_train=n, n_test=max(n // 5, 1), seed=cfg.data.split_seed
