@@ -9,7 +9,7 @@ on the 5,000-image validation split):
   bayes: Optuna TPE over the same box (lr log-uniform in [min, max] of --lrs, batch size a choice
          of --batch-sizes), as many trials as the grid.
 Then prints a markdown table (best val_acc after k trials, k = 1..N, trials in start order) and
-writes a plot; with --doc it appends both to docs/benchmarks.md. Extra `--section.key=value`
+writes a plot; with --doc it adds the table to the Sweeps section of that file. Extra `--section.key=value`
 arguments go to every trial (e.g. --data.dir, --train.epochs, --data.subset).
 """
 
@@ -29,6 +29,11 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from doc_table import append_block  # noqa: E402 - benchmarks/ is this script's directory
+
+SECTION = "## Sweeps: grid vs Bayesian search under one budget (`benchmarks/tune_search.py`)"
 GRID_CONFIG = REPO / "configs/tune/lr_bs_grid.yaml"
 
 
@@ -140,8 +145,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.doc:
-        with open(args.doc, "a") as f:
-            f.write("\n" + table + "\n")
+        append_block(Path(args.doc), SECTION, table)
     return 0
 
 
