@@ -85,6 +85,10 @@ def main() -> int:
     p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
     args, overrides = p.parse_known_args()
     from cifar_dist.config import load_config
+    from cifar_dist.utils.gitinfo import git_sha
+
+    sha = git_sha()  # now: the code that runs, even if the checkout moves during the runs
+    sha = sha[:10] + ("+dirty" if sha.endswith("+dirty") else "")
 
     cfg = load_config(args.config, overrides)
     warm = args.warmup_steps if args.warmup_steps >= 0 else (10 if cfg.train.compile else 0)
@@ -105,12 +109,10 @@ def main() -> int:
     device = device_name("cuda" if on_cuda else "cpu")
     shown = " ".join(["benchmarks/time_to_accuracy.py -c", args.config, f"--seeds {args.seeds}",
                       *overrides])  # fmt: skip
-    from cifar_dist.utils.gitinfo import git_sha
-
     row = (
         f"| {datetime.now():%Y-%m-%d} | `{shown}` | {device} | {args.seeds} | "
         f"{split} {mean_std(accs)} | {mean_std(trains)} | {statistics.mean(walls):.1f} | "
-        f"{warm_s:.1f} | {git_sha()[:10]} |"
+        f"{warm_s:.1f} | {sha} |"
     )
     print(
         f"{split} accuracy {mean_std(accs)} %, train {mean_std(trains)} s, warm-up {warm_s:.1f} s"
