@@ -59,7 +59,8 @@ def _summary(run_dir: Path) -> dict[str, float]:
 
 
 def _check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    # A string message: pytest prints it whole (a tuple's repr is cut to one line).
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n----- stderr -----\n{proc.stderr[-6000:]}"
 
 
 # --- ZeRO-1/2 against DDP -----------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -17,7 +16,6 @@ from torch.distributed.checkpoint.state_dict import (
 
 from cifar_dist.parallel.parallelize import parallelize
 from cifar_dist.train.grad_norm import clip_grad_norm
-from cifar_dist.train.metrics import evaluate
 from cifar_dist.train.trainer import Trainer
 
 # Full (unsharded) tensors in the single-process layout, so a checkpoint loads into a plain
@@ -26,29 +24,14 @@ _FULL = StateDictOptions(full_state_dict=True)
 
 
 class MeshTrainer(Trainer):
-    dp_group: dist.ProcessGroup | None
-
     def setup_parallel(self) -> None:
         # Every rank raises the same ConfigError here, before any collective.
         self.dims.check_model(self.model, self.cfg.parallel)
-        self.dp_group = self.dims.group("dp")
+        self.eval_group = self.dims.group("dp")
         self.train_model = parallelize(self.model, self.dims, self.cfg, self.device)
 
     def clip_gradients(self, max_norm: float) -> float:
         return clip_grad_norm(list(self.model.parameters()), max_norm)
-
-    def evaluate_split(self, split: str, confusion: bool = False) -> dict[str, Any]:
-        return evaluate(
-            self.eval_model(),
-            self.eval_loaders[split],
-            self.cfg.data.num_classes,
-            self.device,
-            amp_dtype=self.amp_dtype,
-            channels_last=self.cfg.train.channels_last,
-            tta=self.cfg.train.tta,
-            confusion=confusion,
-            process_group=self.dp_group,
-        )
 
     def model_optim_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
         # Collective (gathers the shards); every rank calls save(), rank 0 writes.

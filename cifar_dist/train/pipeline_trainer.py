@@ -30,7 +30,6 @@ from cifar_dist.train.checkpoint import CheckpointError, save_checkpoint, step_f
 from cifar_dist.train.common import StepResult, micro_batch_size
 from cifar_dist.train.grad_norm import clip_grad_norm
 from cifar_dist.train.mesh_trainer import MeshTrainer
-from cifar_dist.train.metrics import evaluate
 from cifar_dist.train.optim import build_optimizer, build_scheduler
 from cifar_dist.utils.dist import barrier
 
@@ -59,7 +58,7 @@ class PipelineTrainer(MeshTrainer):
         ).contiguous(memory_format=fmt)
         acts = example_activations(self.model, self.plan.bounds, micro)
         release_other_layers(self.model, self.plan)
-        self.dp_group = dims.group("dp")
+        self.eval_group = dims.group("dp")
         self.pp_group = dims.group("pp")
         wrapped = [parallelize(m, dims, cfg, self.device) for m in self.plan.modules]
         self.stages = build_stages(self.plan, wrapped, acts, self.device, self.pp_group)
@@ -117,18 +116,8 @@ class PipelineTrainer(MeshTrainer):
         return out
 
     # ----- evaluation --------------------------------------------------------------------------
-    def evaluate_split(self, split: str, confusion: bool = False) -> dict[str, Any]:
-        return evaluate(
-            PipelineForward(self),
-            self.eval_loaders[split],
-            self.cfg.data.num_classes,
-            self.device,
-            amp_dtype=self.amp_dtype,
-            channels_last=self.cfg.train.channels_last,
-            tta=self.cfg.train.tta,
-            confusion=confusion,
-            process_group=self.dp_group,
-        )
+    def eval_model(self) -> nn.Module:
+        return PipelineForward(self)
 
     # ----- checkpoints -------------------------------------------------------------------------
     def _held_layers(self) -> list[tuple[str, nn.Module]]:

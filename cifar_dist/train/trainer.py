@@ -64,6 +64,9 @@ class Trainer:
             raise ConfigError("data.batch_size: larger than the training split")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
         self.ema: AveragedModel | None = None
+        # Ranks over which evaluation metrics are reduced (None = all); tensor/pipeline layouts
+        # set their dp group, since the ranks of one replica see the same images.
+        self.eval_group: dist.ProcessGroup | None = None
         self.setup_parallel()
         self.setup_optim()
         self.state = TrainState()
@@ -309,6 +312,7 @@ class Trainer:
             tta=self.cfg.train.tta,
             tta_translate=self.cfg.train.tta_translate,
             confusion=confusion,
+            process_group=self.eval_group,
         )
 
     def end_epoch(self) -> bool:

@@ -95,9 +95,16 @@ def distributed_session(device: str = "auto", backend: str = "auto") -> Iterator
     info = init_distributed(device, backend)
     try:
         yield info
-    finally:
+    except BaseException:
         if owned:
-            destroy_distributed()
+            destroy_distributed()  # no barrier: a failed peer would never reach it
+        raise
+    if owned:
+        # Clean exit: wait for every rank before tearing sockets down, so no rank closes a
+        # gloo connection a peer's last (possibly asynchronous) operation still uses; gloo
+        # answers that with an uncaught exception and SIGABRT.
+        barrier()
+        destroy_distributed()
 
 
 def get_rank() -> int:
