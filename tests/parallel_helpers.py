@@ -94,3 +94,11 @@ def runs_fixture(synth_cifar10: Path, tmp_path_factory: pytest.TempPathFactory) 
     if not _SHARED:
         _SHARED.append(Runs(synth_cifar10, tmp_path_factory.mktemp("parallel_runs")))
     return _SHARED[0]
+
+
+def assert_fails_on_every_rank(data: Path, tmp: Path, extra: list[str], line: str) -> None:
+    """A 2-rank vit_nano run with `extra` flags exits non-zero, each rank printing `line` once."""
+    over = tiny_overrides(data, tmp, **{"model.name": "vit_nano"})
+    proc = run_torchrun(2, "train", *cli_args(over), *extra, timeout=120)
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count(f"cifar-dist: error: {line}") == 2, proc.stderr[-3000:]

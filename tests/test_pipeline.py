@@ -14,11 +14,11 @@ from cifar_dist.config.schema import ConfigError
 from cifar_dist.models import create_model
 from cifar_dist.parallel import pipeline
 from cifar_dist.train.checkpoint import load_checkpoint
-from tests.conftest import tiny_overrides
 from tests.parallel_helpers import (
     CNN,
     STEPS,
     Runs,
+    assert_fails_on_every_rank,
     assert_same_run,
     overrides,
     runs_fixture,  # noqa: F401  (the `runs` fixture)
@@ -107,10 +107,7 @@ def test_pp_resume_is_bit_identical(runs: Runs) -> None:
 def test_impossible_pipeline_fails_on_every_rank(
     synth_cifar10: Path, tmp_path: Path, extra: list[str], line: str
 ) -> None:
-    over = tiny_overrides(synth_cifar10, tmp_path, **{"model.name": "vit_nano"})
-    proc = run_torchrun(2, "train", *cli_args(over), *extra, timeout=120)
-    assert proc.returncode != 0
-    assert (proc.stdout + proc.stderr).count(f"cifar-dist: error: {line}") == 2, proc.stderr[-3000:]
+    assert_fails_on_every_rank(synth_cifar10, tmp_path, extra, line)
 
 
 # ----- in-process units ------------------------------------------------------------------------

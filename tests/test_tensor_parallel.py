@@ -8,14 +8,13 @@ import pytest
 
 from cifar_dist.config.schema import ConfigError, ParallelConfig
 from cifar_dist.parallel.mesh import ParallelDims
-from tests.conftest import tiny_overrides
 from tests.parallel_helpers import (
     CNN,
     Runs,
+    assert_fails_on_every_rank,
     assert_same_run,
     runs_fixture,  # noqa: F401  (the `runs` fixture)
 )
-from tests.test_distributed import cli_args, run_torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -61,10 +60,7 @@ def test_tp2_cnn_classifier_matches_single_process(runs: Runs) -> None:
 def test_impossible_tp_fails_on_every_rank(
     synth_cifar10: Path, tmp_path: Path, extra: list[str], line: str
 ) -> None:
-    over = tiny_overrides(synth_cifar10, tmp_path, **{"model.name": "vit_nano"})
-    proc = run_torchrun(2, "train", *cli_args(over), *extra, timeout=120)
-    assert proc.returncode != 0
-    assert (proc.stdout + proc.stderr).count(f"cifar-dist: error: {line}") == 2, proc.stderr[-3000:]
+    assert_fails_on_every_rank(synth_cifar10, tmp_path, extra, line)
 
 
 # ----- in-process units ------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.parallel.sync_norm import convert_sync_batchnorm
 from cifar_dist.train import ds_checkpoint
 from cifar_dist.train.checkpoint import CheckpointError
-from cifar_dist.train.common import NonFiniteError, StepResult, build_model
+from cifar_dist.train.common import StepResult, build_model
 from cifar_dist.train.optim import (
     adamw_param_groups,
     build_optimizer,
@@ -154,12 +154,7 @@ class DeepSpeedTrainer(Trainer):
             return norm
         # DeepSpeed decides the update itself: ZeRO in fp32/fp16 skips a step whose gradient
         # norm is not finite (counted above), stage 0 and bf16 apply it. We count and stop.
-        self.state.nonfinite_run += 1
-        if self.state.nonfinite_run >= self.cfg.train.max_nonfinite:
-            raise NonFiniteError(
-                f"training diverged: {self.state.nonfinite_run} consecutive non-finite losses/grad "
-                f"norms at step {self.state.step} (lower optim.lr, or set train.clip_norm)"
-            )
+        self.count_nonfinite_step()
         return norm
 
     # ----- evaluation --------------------------------------------------------------------------

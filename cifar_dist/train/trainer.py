@@ -178,6 +178,15 @@ class Trainer:
         self.sink.checkpoint(path, self.state.step)
 
     # ----- one optimiser step ------------------------------------------------------------------
+    def count_nonfinite_step(self) -> None:
+        """One more consecutive non-finite step; stop the run after train.max_nonfinite of them."""
+        self.state.nonfinite_run += 1
+        if self.state.nonfinite_run >= self.cfg.train.max_nonfinite:
+            raise NonFiniteError(
+                f"training diverged: {self.state.nonfinite_run} consecutive non-finite losses/grad "
+                f"norms at step {self.state.step} (lower optim.lr, or set train.clip_norm)"
+            )
+
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
             logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing
@@ -226,13 +235,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler:
                 self.scaler.update()
-            self.state.nonfinite_run += 1
             self.state.skipped_steps += 1
-            if self.state.nonfinite_run >= self.cfg.train.max_nonfinite:
-                raise NonFiniteError(
-                    f"training diverged: {self.state.nonfinite_run} consecutive non-finite losses/grad norms "
-                    f"at step {self.state.step} (lower optim.lr, or set train.clip_norm)"
-                )
+            self.count_nonfinite_step()
             return norm
         if self.scaler:
             self.scaler.step(self.optimizer)
