@@ -207,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cifar-dist: error: {e}", file=sys.stderr)
         return 2
     except _preempted() as e:
+        from cifar_dist.train.preemption import PREEMPTED_EXIT_CODE
+
         print(f"cifar-dist: {e}", file=sys.stderr)
-        return 143
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print("cifar-dist: interrupted", file=sys.stderr)
         return 130

@@ -70,7 +70,37 @@ else
   args+=(--master_port "$port")
 fi
 
+# Exit code: 75 (EX_TEMPFAIL) after a checkpointed pre-emption. The DeepSpeed launcher passes on
+# the first failed worker's code, but reports 1 when it got the signal itself; each node's local
+# rank 0 writes this marker after the checkpoint (cifar_dist/train/preemption.py).
+PREEMPTED_EXIT_CODE=75
+marker=$(mktemp "${TMPDIR:-/tmp}/cifar-dist-preempt.XXXXXX")
+rm -f "$marker"
+export CIFAR_DIST_PREEMPT_MARKER=$marker
+
 echo "+ OMP_NUM_THREADS=$OMP_NUM_THREADS $DEEPSPEED ${args[*]} --module cifar_dist train $*" >&2
-# exec: the launcher replaces this shell, so signals sent to this PID reach it directly.
-# (It forwards SIGTERM/SIGINT to the workers, which checkpoint and exit; not SIGUSR1.)
-exec "$DEEPSPEED" "${args[@]}" --module cifar_dist train "$@"
+# The launcher runs in the background in its own process group (set -m): a signal to this
+# script's group reaches it once, through the trap. It forwards SIGTERM/SIGINT to the workers,
+# which checkpoint and exit; SIGUSR1 is sent on as SIGTERM (the launcher does not handle it).
+set -m
+"$DEEPSPEED" "${args[@]}" --module cifar_dist train "$@" &
+pid=$!
+set +m
+# shellcheck disable=SC2317  # trap handlers are invoked indirectly
+forward() { kill -s "$1" "$pid" 2>/dev/null || true; }
+trap 'forward TERM' TERM USR1
+trap 'forward INT' INT
+rc=0
+while :; do
+  rc=0
+  wait "$pid" || rc=$?
+  if ((rc > 128)) && kill -0 "$pid" 2>/dev/null; then continue; fi
+  break
+done
+if ((rc != 0)) && [[ -f $marker ]]; then
+  echo "deepspeed.sh: pre-empted after a checkpoint; exit $PREEMPTED_EXIT_CODE" \
+    "(resume with --train.resume=auto)" >&2
+  rc=$PREEMPTED_EXIT_CODE
+fi
+rm -f "$marker"
+exit "$rc"

@@ -129,6 +129,40 @@ if ((MAX_RESTARTS > 0)); then
   fi
 fi
 
+# --- exit code: a pre-emption (checkpoint written) exits 75 (EX_TEMPFAIL) -------------------
+# torchrun reports 1 for any failed worker, a checkpointed pre-emption included. Each node's
+# local rank 0 writes this marker after the checkpoint (cifar_dist/train/preemption.py), and
+# this script then exits 75 instead: requeue on 75, investigate anything else non-zero.
+PREEMPTED_EXIT_CODE=75
+marker=$(mktemp "${TMPDIR:-/tmp}/cifar-dist-preempt.XXXXXX")
+rm -f "$marker"
+export CIFAR_DIST_PREEMPT_MARKER=$marker
+
 echo "+ OMP_NUM_THREADS=$OMP_NUM_THREADS $TORCHRUN ${args[*]} -m cifar_dist train $*" >&2
-# exec: torchrun replaces this shell, so signals sent to this PID reach torchrun directly.
-exec "$TORCHRUN" "${args[@]}" -m cifar_dist train "$@"
+# torchrun runs in the background in its own process group (set -m), so a signal to this
+# script's group reaches it once, through the trap below, not twice (a second SIGTERM would cut
+# torchrun's graceful shutdown short); `wait` returns early when a trapped signal arrives.
+set -m
+"$TORCHRUN" "${args[@]}" -m cifar_dist train "$@" &
+pid=$!
+set +m
+# shellcheck disable=SC2317  # trap handlers are invoked indirectly
+forward() { kill -s "$1" "$pid" 2>/dev/null || true; }
+for sig in TERM INT HUP QUIT USR1; do
+  # shellcheck disable=SC2064  # expand $sig now
+  trap "forward $sig" "$sig"
+done
+rc=0
+while :; do
+  rc=0
+  wait "$pid" || rc=$?
+  if ((rc > 128)) && kill -0 "$pid" 2>/dev/null; then continue; fi
+  break
+done
+if ((rc != 0)) && [[ -f $marker ]]; then
+  echo "torchrun.sh: pre-empted after a checkpoint ($(cat "$marker")); exit $PREEMPTED_EXIT_CODE" \
+    "(resume with --train.resume=auto)" >&2
+  rc=$PREEMPTED_EXIT_CODE
+fi
+rm -f "$marker"
+exit "$rc"

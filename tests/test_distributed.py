@@ -19,6 +19,7 @@ from cifar_dist.train.fit import fit
 from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.distributed
+ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
 
@@ -138,35 +139,83 @@ def test_distributed_eval_equals_single(synth_cifar10: Path, tmp_path: Path) -> 
     assert round(a["val_acc"] * 101) == pytest.approx(a["val_acc"] * 101, abs=1e-4)
 
 
-def test_elastic_restart_after_sigkill_is_bit_identical(
-    synth_cifar10: Path, tmp_path: Path
-) -> None:
-    """Rank 1 is SIGKILLed mid-epoch; torchrun restarts both; the run resumes from its last
-    checkpoint and ends with exactly the weights of an uninterrupted 2-rank run."""
-    common = {
-        "train.ckpt_every_steps": 4,
-        "train.resume": "auto",
-        "train.max_steps": 0,
-        "train.epochs": 2,
-        "model.norm": "batch",
-    }
-    clean = run_torchrun(2, "train", *cli_args(_base(synth_cifar10, tmp_path, "clean", **common)))
-    assert clean.returncode == 0, clean.stderr[-3000:]
-    faulty = run_torchrun(
-        2,
-        "train",
-        *cli_args(_base(synth_cifar10, tmp_path, "faulty", **common)),
-        restarts=1,
-        env={"CIFAR_DIST_FAULT": "1:10"},
-    )
-    assert faulty.returncode == 0, faulty.stderr[-3000:]
-    assert "resumed at epoch 1, step 8" in faulty.stdout + faulty.stderr
-    wa, wb = weights(tmp_path / "clean"), weights(tmp_path / "faulty")
+# One uninterrupted 2-rank run (2 epochs of 15 steps, checkpoint every 4) that the fault tests
+# below must reproduce bit for bit after their interruption and resume.
+FAULT_RUN = {
+    "train.ckpt_every_steps": 4,
+    "train.resume": "auto",
+    "train.max_steps": 0,
+    "train.epochs": 2,
+    "model.norm": "batch",
+}
+
+
+@pytest.fixture(scope="module")
+def clean_run(synth_cifar10: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    runs = tmp_path_factory.mktemp("fault_runs")
+    proc = run_torchrun(2, "train", *cli_args(_base(synth_cifar10, runs, "clean", **FAULT_RUN)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return runs / "clean"
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
 
 
-def test_sigterm_leaves_a_loadable_checkpoint(synth_cifar10: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["kill", "collective"])
+def test_elastic_restart_after_sigkill_is_bit_identical(
+    synth_cifar10: Path, tmp_path: Path, clean_run: Path, kind: str
+) -> None:
+    """Rank 1 is SIGKILLed mid-epoch, between steps (kill) or with its all-reduce of step 10's
+    flags in flight while rank 0 waits in the matching one (collective); torchrun restarts both;
+    the run resumes from its last checkpoint (step 8) and ends with exactly the clean weights."""
+    faulty = run_torchrun(
+        2,
+        "train",
+        *cli_args(_base(synth_cifar10, tmp_path, "faulty", **FAULT_RUN)),
+        restarts=1,
+        env={"CIFAR_DIST_FAULT": f"1:10:{kind}"},
+    )
+    out = faulty.stdout + faulty.stderr
+    assert faulty.returncode == 0, out[-3000:]
+    assert "resumed at epoch 1, step 8" in out
+    summary = json.loads((tmp_path / "faulty/summary.json").read_text())
+    assert (summary["start_step"], summary["steps_this_run"]) == (8, 22)
+    assert_same_weights(clean_run, tmp_path / "faulty")
+
+
+def test_sigterm_on_one_rank_stops_both_and_resumes_bit_identical(
+    synth_cifar10: Path, tmp_path: Path, clean_run: Path
+) -> None:
+    """SIGTERM reaches rank 1 alone after step 10: both ranks stop after step 11 (the flag is
+    all-reduced), write one checkpoint and exit 75; plain torchrun reports 1 (any failed worker)
+    and the run dir's PREEMPTED marker says why. The resume continues at step 11 and ends with
+    exactly the weights of the uninterrupted run."""
+    args = cli_args(_base(synth_cifar10, tmp_path, "term", **FAULT_RUN))
+    first = run_torchrun(2, "train", *args, env={"CIFAR_DIST_FAULT": "1:10:sigterm"})
+    out = first.stdout + first.stderr
+    assert first.returncode == 1, out[-3000:]  # torchrun's code for a failed worker
+    assert out.count("stopped by signal at step 11") == 2, out[-3000:]
+    assert "exitcode  : 75" in out  # what each worker returned, in torchrun's failure report
+    marker = json.loads((tmp_path / "term/PREEMPTED").read_text())
+    assert (marker["step"], marker["exit_code"]) == (11, 75)
+    assert load_checkpoint(tmp_path / "term/checkpoints/last.pt")["train_state"]["step"] == 11
+    second = run_torchrun(2, "train", *args)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert "resumed at epoch 1, step 11" in out
+    assert not (tmp_path / "term/PREEMPTED").exists()  # cleared by the new start
+    summary = json.loads((tmp_path / "term/summary.json").read_text())
+    assert (summary["start_step"], summary["steps_this_run"], summary["steps"]) == (11, 19, 30)
+    assert_same_weights(clean_run, tmp_path / "term")
+
+
+def test_launcher_script_exits_75_after_sigterm(synth_cifar10: Path, tmp_path: Path) -> None:
+    """launch/torchrun.sh, SIGTERMed as a whole process group mid-run (as a scheduler does):
+    the workers checkpoint and the script maps torchrun's 1 to the documented 75."""
     over = _base(
         synth_cifar10,
         tmp_path,
@@ -174,11 +223,11 @@ def test_sigterm_leaves_a_loadable_checkpoint(synth_cifar10: Path, tmp_path: Pat
         **{"train.max_steps": 0, "train.epochs": 50, "train.ckpt_every_steps": 0},
     )
     proc = subprocess.Popen(
-        torchrun_cmd(2, "train", *cli_args(over)),
+        ["bash", str(ROOT / "launch/torchrun.sh"), *cli_args(over)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=ENV,
+        env={**ENV, "NPROC": "2", "LOG_DIR": str(tmp_path / "logs"), "TMPDIR": str(tmp_path)},
         start_new_session=True,
     )
     steps = tmp_path / "term/steps.jsonl"
@@ -186,13 +235,16 @@ def test_sigterm_leaves_a_loadable_checkpoint(synth_cifar10: Path, tmp_path: Pat
     while time.time() < deadline and not (
         steps.exists() and len(steps.read_text().splitlines()) >= 3
     ):
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert not step_checkpoints(tmp_path / "term/checkpoints")  # nothing saved before the signal
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert "checkpoint saved" in out, out[-3000:]
+    assert proc.returncode == 75, out[-3000:]
+    assert out.count("checkpoint saved") == 2, out[-3000:]
     state = load_checkpoint(tmp_path / "term/checkpoints/last.pt")
     assert state["train_state"]["step"] >= 3
+    assert (tmp_path / "term/PREEMPTED").exists()
+    assert not list(tmp_path.glob("cifar-dist-preempt.*"))  # the script's marker is cleaned up
 
 
 def test_mesh_mismatch_fails_fast_on_every_rank(synth_cifar10: Path, tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ from cifar_dist.config.load import config_to_dict, dump_config
 from cifar_dist.config.schema import Config
 from cifar_dist.logging.sinks import MultiSink, Sink, build_sinks
 from cifar_dist.parallel.mesh import ParallelDims
-from cifar_dist.train.common import micro_batch_size
+from cifar_dist.train.common import Preempted, micro_batch_size
+from cifar_dist.train.preemption import clear_markers, write_markers
 from cifar_dist.train.trainer import Trainer
 from cifar_dist.utils.dist import (
     DistInfo,
@@ -97,7 +98,13 @@ def build_data(
 
 
 def _finish(
-    trainer: Trainer, cfg: Config, run_dir: Path, classes: list[str], wall0: float, sha: str
+    trainer: Trainer,
+    cfg: Config,
+    run_dir: Path,
+    classes: list[str],
+    wall0: float,
+    sha: str,
+    start_step: int = 0,
 ) -> dict[str, Any]:
     st = trainer.state
     summary: dict[str, Any] = {}
@@ -111,6 +118,9 @@ def _finish(
         {
             "epochs": st.epoch,
             "steps": st.step,
+            # Where this call started (the resumed step; 0 for a fresh run) and what it ran.
+            "start_step": start_step,
+            "steps_this_run": st.step - start_step,
             "skipped_steps": st.skipped_steps,
             "train_s": st.train_time_s,
             "wall_s": time.perf_counter() - wall0,
@@ -194,6 +204,7 @@ def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dic
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
+    clear_markers(run_dir, info.rank, info.local_rank)  # a stale marker must not mean "pre-empted"
     barrier()
     trainer_cls = trainer_class(cfg, dims)
     # tp and pp peers of one data-parallel replica must read the same batches.
@@ -211,9 +222,14 @@ def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dic
                 f"resumed at epoch {trainer.state.epoch + 1}, step {trainer.state.step}",
                 flush=True,
             )
-        with preemption_handlers(trainer):
-            trainer.run()
-        return _finish(trainer, cfg, run_dir, classes, wall0, sha)
+        start_step = trainer.state.step
+        try:
+            with preemption_handlers(trainer):
+                trainer.run()
+        except Preempted:  # tell the launcher scripts, whose launcher reports 1 (preemption.py)
+            write_markers(run_dir, info.rank, info.local_rank, trainer.state.step)
+            raise
+        return _finish(trainer, cfg, run_dir, classes, wall0, sha, start_step)
     finally:
         sink.close()
 

@@ -32,7 +32,7 @@ from cifar_dist.train.metrics import evaluate
 from cifar_dist.train.optim import build_optimizer, build_scheduler
 from cifar_dist.train.state import TrainState
 from cifar_dist.utils.dist import DistInfo, all_reduce_sum
-from cifar_dist.utils.faults import maybe_inject_fault
+from cifar_dist.utils.faults import maybe_die_in_collective, maybe_inject_fault
 from cifar_dist.utils.seed import rng_state, set_rng_state
 
 
@@ -229,6 +229,7 @@ class Trainer:
             flags = torch.tensor(
                 [float(not finite), float(self.stop_requested)], device=self.device
             )
+            maybe_die_in_collective(self.state.step + 1, self.info.rank, flags)
             dist.all_reduce(flags)
             finite, self.stop_requested = bool(flags[0] == 0), bool(flags[1] > 0)
         if not finite:
