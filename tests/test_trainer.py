@@ -96,8 +96,11 @@ def test_grad_accumulation_matches_full_batch(synth_cifar10: Path, tmp_path: Pat
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
-def test_resume_is_bit_identical(synth_cifar10: Path, tmp_path: Path) -> None:
-    """Stopping mid-epoch and resuming ends with exactly the weights of an uninterrupted run."""
+def test_resume_is_bit_identical(
+    synth_cifar10: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stopping mid-epoch and resuming continues at the saved step (not from scratch) and ends
+    with exactly the weights of an uninterrupted run."""
     common = {
         "train.epochs": 2,
         "model.name": "airbench_net",
@@ -122,7 +125,8 @@ def test_resume_is_bit_identical(synth_cifar10: Path, tmp_path: Path) -> None:
         )
     )
     assert load_checkpoint(tmp_path / "split/checkpoints/last.pt")["train_state"]["step"] == 20
-    fit(
+    capsys.readouterr()
+    res = fit(
         load_config(
             None,
             tiny_overrides(
@@ -130,6 +134,9 @@ def test_resume_is_bit_identical(synth_cifar10: Path, tmp_path: Path) -> None:
             ),
         )
     )
+    # 15 steps per epoch: step 20 is in the 2nd epoch; the second call runs the last 10 steps.
+    assert "resumed at epoch 2, step 20" in capsys.readouterr().out
+    assert (res["start_step"], res["steps_this_run"], res["steps"]) == (20, 10, 30)
     whole, split = (
         load_checkpoint(tmp_path / "whole/checkpoints/last.pt"),
         load_checkpoint(tmp_path / "split/checkpoints/last.pt"),
