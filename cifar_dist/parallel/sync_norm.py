@@ -1,19 +1,47 @@
 """Cross-rank batch norm: torch's SyncBatchNorm on GPU, our own on CPU.
 
 torch.nn.SyncBatchNorm refuses CPU tensors ("expected input tensor to be on GPU"), so gloo runs
-need this small replacement: per-channel sums, squared sums and counts are all-reduced with the
-autograd-aware torch.distributed.nn.functional.all_reduce, whose backward all-reduces the
-gradients, giving exactly the gradient of the full-batch statistics. Running-stat updates follow
-BatchNorm (momentum, unbiased variance). Parameter/buffer names match BatchNorm2d, so state dicts
-load either way.
+need this small replacement. Each rank computes its per-channel count, mean and M2 (sum of
+squared deviations) in float64; an autograd-aware all-gather (torch's functional collectives,
+whose backward reduce-scatters the gradients) brings every rank's triple to every rank, and
+Chan's parallel formula combines them: mean = sum(n_i mean_i) / N,
+M2 = sum(M2_i + n_i (mean_i - mean)^2). Unlike E[x^2] - E[x]^2 in float32, this does not cancel
+catastrophically when |mean| >> std. Normalisation also runs in float64 and is cast back, so
+bf16/float32 activations lose nothing before their own rounding. Running-stat updates follow
+BatchNorm (momentum, unbiased variance). Parameter/buffer names match BatchNorm2d, so state
+dicts load either way.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
-from torch.distributed.nn.functional import all_reduce
+
+# torch 2.13 renamed the autograd all-gather (the old name warns); torch 2.11 has only the old.
+_all_gather = (
+    getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+)
+
+
+def global_moments(
+    x: torch.Tensor, group: dist.ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, mean, biased var) per channel of NCHW float64 `x` over every rank of `group`,
+    differentiable with respect to `x`."""
+    c = x.shape[1]
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    n = x.new_full((1,), x.numel() / c)
+    local = torch.cat([n, mean, var * n]).unsqueeze(0)  # [1, 1 + 2C]: count, mean, M2
+    rows = _all_gather(local, 0, group)  # [world, 1 + 2C]
+    if isinstance(rows, funcol.AsyncCollectiveTensor):
+        rows = rows.wait()
+    counts, means, m2s = rows[:, :1], rows[:, 1 : 1 + c], rows[:, 1 + c :]
+    total = counts.sum()
+    gmean = (counts * means).sum(0) / total
+    m2 = (m2s + counts * (means - gmean) ** 2).sum(0)
+    return total, gmean, m2 / total
 
 
 class CrossRankBatchNorm2d(nn.BatchNorm2d):
@@ -33,37 +61,29 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self._synced()):
             return super().forward(x)
-        c = x.shape[1]
-        xf = x if x.dtype == torch.float64 else x.float()
-        local = torch.cat(
-            [xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), xf.new_tensor([x.numel() / c])]
-        )
-        total = all_reduce(local, op=dist.ReduceOp.SUM, group=self.process_group)
-        count = total[2 * c]
-        mean = total[:c] / count
-        var = (total[c : 2 * c] / count - mean * mean).clamp_min(
-            0
-        )  # biased, as BatchNorm normalises
+        group = self.process_group or dist.group.WORLD
+        # One float64 copy for the statistics and the normalisation: its backward then rounds the
+        # summed input gradient to x's dtype once (two casts would round two large, nearly
+        # cancelling terms separately: ~3 ulp off in bf16).
+        xd = x.double()
+        count, mean, var = global_moments(xd, group)
         if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = (
-                    self.momentum
-                    if self.momentum is not None
-                    else 1.0 / float(self.num_batches_tracked)
-                )
-                unbiased = var * count / (count - 1).clamp_min(1)
-                self.running_mean.mul_(1 - m).add_(
-                    mean.detach().to(self.running_mean.dtype), alpha=m
-                )
-                self.running_var.mul_(1 - m).add_(
-                    unbiased.detach().to(self.running_var.dtype), alpha=m
-                )
-        shape = (1, c, 1, 1)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+            self._update_running_stats(count, mean, var)
+        shape = (1, -1, 1, 1)
+        y = (xd - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+            y = y * self.weight.double().view(shape) + self.bias.double().view(shape)
         return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(
+        self, count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+    ) -> None:
+        self.num_batches_tracked.add_(1)
+        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        unbiased = var * count / (count - 1).clamp_min(1)
+        self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+        self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
 
 
 def convert_sync_batchnorm(
