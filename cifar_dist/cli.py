@@ -211,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"cifar-dist: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except ImportError as e:  # an optional package imported outside the checks: one line too
+        from cifar_dist.config.extras import extra_for
+
+        if (msg := extra_for(e)) is None:
+            raise
+        print(f"cifar-dist: error: {msg}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("cifar-dist: interrupted", file=sys.stderr)
         return 130

@@ -40,7 +40,7 @@ def test_missing_ffcv_gives_one_line_install_hint(monkeypatch: pytest.MonkeyPatc
     from cifar_dist.data import ffcv_loader
 
     monkeypatch.setitem(sys.modules, "ffcv", None)  # makes `import ffcv` raise ImportError
-    with pytest.raises(ImportError, match="libturbojpeg0-dev.*pip install"):
+    with pytest.raises(ImportError, match=r"pip install 'cifar-dist\[ffcv\]'.*libturbojpeg0-dev"):
         ffcv_loader.require_ffcv()
 
 

@@ -239,11 +239,15 @@ def run_compress(opts: argparse.Namespace, overrides: list[str]) -> dict[str, An
 
 
 def cmd_compress(args: argparse.Namespace, rest: list[str]) -> int:
+    from cifar_dist.config.extras import require
     from cifar_dist.config.schema import ConfigError
     from cifar_dist.data.errors import DataError
     from cifar_dist.train.checkpoint import CheckpointError
 
     try:
+        if args.export in ("onnx", "both"):  # before loading and evaluating anything
+            for module in ("onnx", "onnxscript", "onnxruntime"):
+                require(module, "compress --export onnx")
         run_compress(args, rest)
     except (CompressError, ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"cifar-dist compress: error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from cifar_dist.config.extras import check_extras
 from cifar_dist.config.schema import Config, ConfigError
 
 
@@ -159,7 +160,20 @@ def load_config(
                 nested: dict[str, Any] = {}
                 _set_dotted(nested, k, v)
                 tree = merge_trees(tree, nested)
-    return _build(Config, tree, "")
+    cfg = _build(Config, tree, "")
+    check_model_name(cfg)
+    check_extras(cfg)
+    return cfg
+
+
+def check_model_name(cfg: Config) -> None:
+    """An unknown model.name fails here, before any data is prepared, naming the valid ones."""
+    from cifar_dist.models import list_models  # importing the zoo registers every model
+
+    if cfg.model.name not in list_models():
+        raise ConfigError(
+            f"model.name: unknown model {cfg.model.name!r} (known: {', '.join(list_models())})"
+        )
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

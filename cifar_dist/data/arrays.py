@@ -149,6 +149,13 @@ def open_store(store_dir: Path) -> tuple[dict[str, ArraySplit], dict[str, Any]]:
     return splits, meta
 
 
+_WRITABLE_HINT = (
+    "data.dir must be writable the first time (the array store is built inside it): make it "
+    "writable, or import once into a writable DIR (cifar-dist data import --data.dir=DIR) and "
+    "train with --data.dir=DIR"
+)
+
+
 def resolve_data_dir(cfg: DataConfig) -> Path:
     """`data.dir`, else `$CIFAR_DIST_DATA`, else `./data`."""
     return Path(cfg.dir or os.environ.get(ENV_DATA) or "data").expanduser()
@@ -162,7 +169,9 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         f = open(lock_path, "a+b")  # noqa: SIM115 - closed below, after the lock is released
     except OSError as e:
-        raise DataError(f"{lock_path}: cannot create the store lock ({e})") from None
+        raise DataError(
+            f"{lock_path}: cannot create the store lock ({e}); {_WRITABLE_HINT}"
+        ) from None
     with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -222,7 +231,12 @@ def prepare_store(cfg: DataConfig) -> Path:
     with _exclusive(data_dir / f"{cfg.dataset}.lock"):
         if not ready():  # re-check: another process may have built it while we waited
             splits, classes, desc = _import(cfg, data_dir)
-            write_store(store, splits, classes, desc, dataset=cfg.dataset)
+            try:
+                write_store(store, splits, classes, desc, dataset=cfg.dataset)
+            except OSError as e:  # read-only or full filesystem: name the place, not a traceback
+                raise DataError(
+                    f"{store}: cannot write the array store ({e}); {_WRITABLE_HINT}"
+                ) from None
     return store
 
 

@@ -28,20 +28,17 @@ from cifar_dist.data.device_loader import shard_indices, train_batches
 from cifar_dist.data.gpu_augment import Normalise
 from cifar_dist.data.loaders import ArraySplitLike
 
-INSTALL_HINT = (
-    "data.loader=ffcv needs FFCV, which is not installed: apt-get install -y pkg-config "
-    "libturbojpeg0-dev libopencv-dev && pip install -c constraints.txt -e '.[ffcv]' "
-    "(see docs/fast_data.md)"
-)
 _BATCH = 1  # the MixUp/CutMix stream tag of loaders.py: same draws on every path
 
 
 def require_ffcv() -> Any:
-    """The ffcv module, or an ImportError with the install line."""
+    """The ffcv module, or a MissingExtraError (an ImportError) with the install line."""
+    from cifar_dist.config.extras import MissingExtraError, missing_message
+
     try:
         import ffcv
-    except ImportError as e:
-        raise ImportError(f"{INSTALL_HINT} ({e})") from None
+    except ImportError:
+        raise MissingExtraError(missing_message("ffcv", "data.loader=ffcv")) from None
     return ffcv
 
 

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from cifar_dist.config.schema import ConfigError
+
 ModelFactory = Callable[..., nn.Module]
 
 # The options every factory accepts as keywords (each ignores the ones that do not apply);
@@ -34,7 +36,7 @@ def list_models() -> list[str]:
 def create_model(name: str, num_classes: int = 10, **kwargs: object) -> nn.Module:
     """Build a registered model by name; the one way configs and the CLI make models."""
     if name not in _REGISTRY:
-        raise ValueError(f"model.name: unknown model {name!r} (known: {', '.join(list_models())})")
+        raise ConfigError(f"model.name: unknown model {name!r} (known: {', '.join(list_models())})")
     for key in kwargs:
         if key not in MODEL_OPTIONS:
             raise ValueError(

@@ -22,13 +22,12 @@ from cifar_dist.config.schema import ConfigError
 
 
 def import_deepspeed() -> ModuleType:
+    from cifar_dist.config.extras import MissingExtraError, missing_message
+
     try:
         import deepspeed
     except ImportError:
-        raise ConfigError(
-            "parallel.engine: deepspeed is not installed "
-            "(DS_BUILD_OPS=0 pip install -e '.[deepspeed]')"
-        ) from None
+        raise MissingExtraError(missing_message("deepspeed", "parallel.engine=deepspeed")) from None
     return deepspeed
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,23 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `obj` to `path` through a temp file; on any OSError (disk full, read-only, quota)
+    the temp file is removed, `path` and every other file are untouched, and a one-line
+    CheckpointError names `path`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save wraps some write errors in RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise CheckpointError(
+            f"checkpoint {path}: write failed ({reason}); the previous checkpoint is intact"
+        ) from None
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -97,12 +108,14 @@ def _merge_shards(
 
 
 def latest_checkpoint(
-    ckpt_dir: Path, map_location: str | torch.device = "cpu"
+    ckpt_dir: Path, map_location: str | torch.device = "cpu", warn: bool = False
 ) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads, or None; corrupt or half-written files are skipped."""
+    """The newest checkpoint that loads, or None; corrupt or half-written files are skipped
+    (with `warn`, one line each on stderr, so a fallback to an older step is never silent)."""
     for path in reversed(step_checkpoints(ckpt_dir)):
         try:
             return path, load_checkpoint(path, map_location)
-        except CheckpointError:
-            continue
+        except CheckpointError as e:
+            if warn:
+                print(f"cifar-dist: warning: {e}; trying an older checkpoint", file=sys.stderr)
     return None

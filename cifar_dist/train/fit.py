@@ -52,9 +52,14 @@ def ensure_synthetic(cfg: Config) -> None:
     have = (root / cfg.data.dataset).exists() or canonical_dir(root, cfg.data.dataset).exists()
     if get_rank() == 0 and not have:
         n = cfg.data.synthetic
-        write_synthetic(
-            root, cfg.data.dataset, n_train=n, n_test=max(n // 5, 1), seed=cfg.data.split_seed
-        )
+        try:
+            write_synthetic(
+                root, cfg.data.dataset, n_train=n, n_test=max(n // 5, 1), seed=cfg.data.split_seed
+            )
+        except OSError as e:
+            from cifar_dist.data.errors import DataError
+
+            raise DataError(f"data.dir {root}: cannot write synthetic data there ({e})") from None
     barrier()
 
 

@@ -20,7 +20,12 @@ from cifar_dist.config.schema import Config, ConfigError
 from cifar_dist.logging.sinks import Sink
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.parallel.parallelize import parallelize
-from cifar_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cifar_dist.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from cifar_dist.train.common import (
     AMP_DTYPES,
     NonFiniteError,
@@ -161,7 +166,9 @@ class Trainer:
         if not spec:
             return False
         if spec == "auto":
-            found = latest_checkpoint(self.run_dir / "checkpoints", map_location=self.device)
+            found = latest_checkpoint(
+                self.run_dir / "checkpoints", map_location=self.device, warn=self.info.is_main
+            )
             if found is None:
                 return False
             ckpt = found[1]
@@ -172,9 +179,18 @@ class Trainer:
 
     def save(self) -> None:
         state = self.state_dict()  # collective: every rank takes part
-        path = None
+        path, error = None, None
         if self.info.is_main:
-            path = save_checkpoint(state, self.run_dir / "checkpoints", self.state.step)
+            try:
+                path = save_checkpoint(state, self.run_dir / "checkpoints", self.state.step)
+            except CheckpointError as e:
+                error = e
+        # Every rank learns whether rank 0's write failed and stops with it (a rank that went
+        # on would wait in its next collective for a peer that has left).
+        if all_reduce_sum(float(error is not None), self.device) > 0:
+            raise error or CheckpointError(
+                f"checkpoint at step {self.state.step}: rank 0 could not write it (see its error)"
+            )
         self.sink.checkpoint(path, self.state.step)
 
     # ----- one optimiser step ------------------------------------------------------------------
