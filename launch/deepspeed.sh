@@ -22,6 +22,9 @@
 #   OMP_NUM_THREADS  threads per process; default: CPU cores / NPROC, at least 1 (DeepSpeed's
 #                    launcher, unlike torchrun, sets none)
 #   DEEPSPEED        launcher executable (default: deepspeed on PATH, else .venv/bin/deepspeed)
+#
+# Exit code: 0 done; 75 pre-empted (SIGTERM/SIGINT/SIGUSR1) after a checkpoint: run it again
+# with --train.resume=auto; anything else: a failure.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

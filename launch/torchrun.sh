@@ -25,6 +25,10 @@
 #   OMP_NUM_THREADS   threads per process; default: CPU cores / NPROC, at least 1
 #   TORCHRUN          torchrun executable (default: torchrun on PATH, else .venv/bin/torchrun)
 #   PYTHON            python used to count GPUs (default: the python next to TORCHRUN)
+#
+# Exit code: 0 done; 75 pre-empted (SIGTERM/SIGUSR1) after a checkpoint: run the same command
+# again with --train.resume=auto; anything else: a failure (torchrun itself reports 1 for any
+# failed worker; this script maps that to 75 only when the workers left the pre-emption marker).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
