@@ -4,6 +4,7 @@ and never damages what was there (docs/distributed.md, "Failure handling")."""
 from __future__ import annotations
 
 import errno
+import io
 import sys
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import torch
 
 from cifar_dist.cli import main
 from cifar_dist.config import load_config
-from cifar_dist.train import checkpoint
 from cifar_dist.train.checkpoint import load_checkpoint, step_checkpoints
 from cifar_dist.train.fit import fit
 from tests.conftest import tiny_overrides
@@ -122,18 +122,27 @@ def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(
 def test_disk_full_while_checkpointing_keeps_the_previous_one(
     synth_cifar10: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    """The 2nd checkpoint write hits ENOSPC halfway: one line naming the file; the previous
-    checkpoint (step 5) is intact and still last.pt; no temp file is left behind."""
-    real_save, calls = torch.save, []
+    """The 2nd checkpoint's file fills the disk after 4 KiB (ENOSPC from write(), under
+    torch.save's own writer): one line naming the file; the previous checkpoint (step 5) is
+    intact and still last.pt; no temp file is left behind."""
 
-    def save(obj: object, f: object, *a: object, **k: object) -> None:
-        calls.append(1)
-        if len(calls) == 2:
-            f.write(b"half a checkpoint")  # type: ignore[attr-defined]
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, f, *a, **k)
+    class FullDisk(io.FileIO):
+        written = 0
 
-    monkeypatch.setattr(checkpoint.torch, "save", save)
+        def write(self, b: bytes) -> int:  # type: ignore[override]
+            FullDisk.written += len(b)
+            if FullDisk.written > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    real_open = Path.open
+
+    def open_(self: Path, mode: str = "r", *a: object, **k: object):  # noqa: ANN202
+        if self.name.startswith(".step_00000010.pt") and "w" in mode:
+            return FullDisk(str(self), "wb")
+        return real_open(self, mode, *a, **k)
+
+    monkeypatch.setattr(Path, "open", open_)
     over = _fault_over(synth_cifar10, tmp_path, "full", **{"train.max_steps": 12})
     assert main(_argv(over)) == 2
     line = _one_error_line(capsys.readouterr().err)

@@ -38,9 +38,14 @@ def atomic_save(obj: Any, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save wraps some write errors in RuntimeError
+    except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        # torch.save's C++ writer turns a failed write into RuntimeError("unexpected pos ...");
+        # the OSError (e.g. ENOSPC) that caused it is its __context__: name that instead.
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        reason = (cause.strerror if cause is not None else None) or str(e).splitlines()[0]
         raise CheckpointError(
             f"checkpoint {path}: write failed ({reason}); the previous checkpoint is intact"
         ) from None
