@@ -177,3 +177,48 @@ def test_read_only_data_dir_is_one_line(
     line = _one_error_line(capsys.readouterr().err)
     assert "Read-only file system" in line and str(ro) in line and "data.dir" in line, line
     assert not (ro / "cifar10").exists()
+
+
+# Imported by every rank at interpreter start-up (sitecustomize on PYTHONPATH): the disk fills
+# while rank 0 writes the step-10 checkpoint.
+FULL_DISK_SITE = """
+import errno, io, pathlib
+
+class _FullDisk(io.FileIO):
+    def write(self, b):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+_open = pathlib.Path.open
+
+def _open_full(self, mode="r", *a, **k):
+    if self.name.startswith(".step_00000010.pt") and "w" in mode:
+        return _FullDisk(str(self), "wb")
+    return _open(self, mode, *a, **k)
+
+pathlib.Path.open = _open_full
+"""
+
+
+@pytest.mark.distributed
+def test_disk_full_stops_every_rank(synth_cifar10: Path, tmp_path: Path) -> None:
+    """2 ranks, rank 0's checkpoint write fails: both ranks stop with one line each (rank 1 is
+    told through an all-reduce) instead of rank 1 waiting in its next collective."""
+    from tests.test_distributed import cli_args, run_torchrun
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FULL_DISK_SITE)
+    over = _fault_over(synth_cifar10, tmp_path, "full", **{"train.max_steps": 12})
+    proc = run_torchrun(
+        2,
+        "train",
+        *cli_args(over),
+        env={"PYTHONPATH": f"{site}:{REPO}"},
+        timeout=180,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    path = tmp_path / "full/checkpoints/step_00000010.pt"
+    assert out.count(f"cifar-dist: error: checkpoint {path}: write failed (No space") == 1, out
+    assert out.count("cifar-dist: error: checkpoint at step 10: rank 0 could not write it") == 1
+    assert load_checkpoint(tmp_path / "full/checkpoints/last.pt")["train_state"]["step"] == 5
