@@ -187,29 +187,36 @@ def test_elastic_restart_after_sigkill_is_bit_identical(
     assert_same_weights(clean_run, tmp_path / "faulty")
 
 
+@pytest.mark.parametrize("signal_after", [10, 0])
 def test_sigterm_on_one_rank_stops_both_and_resumes_bit_identical(
-    synth_cifar10: Path, tmp_path: Path, clean_run: Path
+    synth_cifar10: Path, tmp_path: Path, clean_run: Path, signal_after: int
 ) -> None:
-    """SIGTERM reaches rank 1 alone after step 10: both ranks stop after step 11 (the flag is
-    all-reduced), write one checkpoint and exit 75; plain torchrun reports 1 (any failed worker)
-    and the run dir's PREEMPTED marker says why. The resume continues at step 11 and ends with
-    exactly the weights of the uninterrupted run."""
+    """SIGTERM reaches rank 1 alone after step 10 (mid-epoch), or during set-up (0, before the
+    data is built): both ranks stop after the next step (the flag is all-reduced), write one
+    checkpoint and exit 75; plain torchrun reports 1 (any failed worker) and the run dir's
+    PREEMPTED marker says why. The resume continues at that step and ends with exactly the
+    weights of the uninterrupted run."""
+    stop = signal_after + 1
     args = cli_args(_base(synth_cifar10, tmp_path, "term", **FAULT_RUN))
-    first = run_torchrun(2, "train", *args, env={"CIFAR_DIST_FAULT": "1:10:sigterm"})
+    first = run_torchrun(2, "train", *args, env={"CIFAR_DIST_FAULT": f"1:{signal_after}:sigterm"})
     out = first.stdout + first.stderr
     assert first.returncode == 1, out[-3000:]  # torchrun's code for a failed worker
-    assert out.count("stopped by signal at step 11") == 2, out[-3000:]
+    assert out.count(f"stopped by signal at step {stop}") == 2, out[-3000:]
     assert "exitcode  : 75" in out  # what each worker returned, in torchrun's failure report
     marker = json.loads((tmp_path / "term/PREEMPTED").read_text())
-    assert (marker["step"], marker["exit_code"]) == (11, 75)
-    assert load_checkpoint(tmp_path / "term/checkpoints/last.pt")["train_state"]["step"] == 11
+    assert (marker["step"], marker["exit_code"]) == (stop, 75)
+    assert load_checkpoint(tmp_path / "term/checkpoints/last.pt")["train_state"]["step"] == stop
     second = run_torchrun(2, "train", *args)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
-    assert "resumed at epoch 1, step 11" in out
+    assert f"resumed at epoch 1, step {stop}" in out
     assert not (tmp_path / "term/PREEMPTED").exists()  # cleared by the new start
     summary = json.loads((tmp_path / "term/summary.json").read_text())
-    assert (summary["start_step"], summary["steps_this_run"], summary["steps"]) == (11, 19, 30)
+    assert (summary["start_step"], summary["steps_this_run"], summary["steps"]) == (
+        stop,
+        30 - stop,
+        30,
+    )
     assert_same_weights(clean_run, tmp_path / "term")
 
 

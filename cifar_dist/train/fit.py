@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from cifar_dist.utils.dist import (
     distributed_session,
     get_rank,
 )
+from cifar_dist.utils.faults import maybe_inject_fault
 from cifar_dist.utils.gitinfo import git_sha
 from cifar_dist.utils.seed import seed_everything
 
@@ -155,18 +157,24 @@ def _finish(
 
 
 @contextmanager
-def preemption_handlers(trainer: Trainer) -> Iterator[None]:
-    """SIGTERM (torchrun, schedulers) and SIGUSR1 (Slurm --signal) ask for a checkpoint and a clean stop."""
+def preemption_handlers() -> Iterator[list[Any]]:
+    """SIGTERM (torchrun, schedulers) and SIGUSR1 (Slurm --signal) ask for a checkpoint and a
+    clean stop. Installed before set-up (data preparation can take minutes, and the default
+    action would kill the process without a checkpoint or the pre-emption exit code); yields the
+    objects whose `signal_received` the handler sets: a placeholder until the caller appends the
+    trainer (which then also takes over a signal that came during set-up)."""
+    targets: list[Any] = [SimpleNamespace(signal_received=None)]
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield targets
         return
 
     def handler(signum: int, _frame: object) -> None:
-        trainer.signal_received = signum
+        for t in targets:
+            t.signal_received = signum
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        yield
+        yield targets
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -195,6 +203,13 @@ def trainer_class(cfg: Config, dims: ParallelDims) -> type[Trainer]:
 
 
 def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dict[str, Any]:
+    with preemption_handlers() as signal_targets:
+        return _run_training(cfg, info, sinks, signal_targets)
+
+
+def _run_training(
+    cfg: Config, info: DistInfo, sinks: Sequence[Sink], signal_targets: list[Any]
+) -> dict[str, Any]:
     wall0 = time.perf_counter()
     sha = git_sha()  # at the start: the code that ran, even if the checkout moves meanwhile
     if cfg.train.threads:
@@ -214,6 +229,7 @@ def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dic
     trainer_cls = trainer_class(cfg, dims)
     # tp and pp peers of one data-parallel replica must read the same batches.
     data_rank = trainer_cls.data_rank(info.rank, dims)
+    maybe_inject_fault(0, info.rank)  # step 0 = during set-up (tests: a signal before training)
     train_loader, eval_loaders, classes = build_data(cfg, data_rank, dims.dp, info.device)
     sink = build_sinks(cfg, run_dir, info.is_main, config_to_dict(cfg))
     # Caller-supplied sinks get every call on every rank (Ray Train's report is collective).
@@ -221,6 +237,8 @@ def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dic
         sink = MultiSink([sink, *sinks])
     try:
         trainer = trainer_cls(cfg, info, dims, (train_loader, eval_loaders), run_dir, sink)
+        signal_targets.append(trainer)  # first, then take over a signal that came during set-up
+        trainer.signal_received = trainer.signal_received or signal_targets[0].signal_received
         resumed = trainer.resume(cfg.train.resume)  # collective for some trainers: every rank
         if resumed and info.is_main:
             print(
@@ -229,8 +247,7 @@ def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dic
             )
         start_step = trainer.state.step
         try:
-            with preemption_handlers(trainer):
-                trainer.run()
+            trainer.run()
         except Preempted:  # tell the launcher scripts, whose launcher reports 1 (preemption.py)
             write_markers(run_dir, info.rank, info.local_rank, trainer.state.step)
             raise

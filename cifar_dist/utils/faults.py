@@ -7,6 +7,7 @@ CIFAR_DIST_FAULT="<rank>:<step>[:<kind>]", kind:
   flags is in flight (the peers are blocked in the matching all-reduce): a death mid-collective;
 - `sigterm`: SIGTERM to this rank alone after step <step> (the other ranks get no signal and
   must still stop at the same step: the pre-emption agreement).
+Step 0 (`kill`, `sigterm`) fires during set-up, before the data is built (train/fit.py).
 """
 
 from __future__ import annotations
