@@ -54,6 +54,13 @@ class DeepSpeedTrainer(Trainer):
         if self.cfg.model.norm == "sync_batch" and self.dims.dp_enabled:
             # In place (the root of our models is never a norm layer), as parallelize() does.
             convert_sync_batchnorm(self.model, self.device)
+        if self.cfg.train.channels_last:
+            # deepspeed.initialize broadcasts every parameter as `p.data.view(torch.uint8)`,
+            # which needs stride(-1) == 1 (a channels_last conv weight has C_in there), and its
+            # ZeRO/bf16 optimisers re-point parameters into flat contiguous buffers anyway. So
+            # the weights stay contiguous; the images are still channels_last (_batch), and a
+            # convolution follows its input's memory format.
+            self.model.to(memory_format=torch.contiguous_format)
         self.ds_module: nn.Module = self.model
         self.train_model = self.model  # the engine, once setup_optim has built it
 
