@@ -82,6 +82,7 @@ class DeepSpeedTrainer(Trainer):
         batch = cfg.data.batch_size
         lr, _ = torch_lr_and_decay(cfg.optim, scaled_lr(cfg.optim, batch), batch)
         groups = adamw_param_groups(self.ds_module, cfg.optim, lr)
+        self.check_param_groups(optimizer.param_groups if optimizer is not None else groups)
         self.engine = initialize(self.ds_module, self.ds_config, optimizer, scheduler, groups)
         ds_checkpoint.install_safe_engine(self.engine)
         self.train_model = self.engine
@@ -96,6 +97,9 @@ class DeepSpeedTrainer(Trainer):
             self.optimizer.register_step_pre_hook(self._record_grad_norm)
         if self.info.is_main:
             write_ds_config(self.ds_config, self.run_dir / "ds_config.json")
+
+    def check_param_groups(self, groups: list[dict]) -> None:
+        """Hook: refuse optimiser parameter groups the engine cannot handle (pipeline only)."""
 
     # ----- one optimiser step ------------------------------------------------------------------
     def _batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
