@@ -80,12 +80,12 @@ def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _table(request: pytest.FixtureRequest) -> object:
     yield
     if RAN:
-        tr = request.config.pluginmanager.get_plugin("terminalreporter")
         width = max(len(x[0]) for x in RAN)
         lines = ["", "config smoke matrix (this machine, not a benchmark):"]
         lines += [f"  {c:<{width}}  {how:<28} {s:6.1f} s" for c, how, s in RAN]
-        for line in lines:
-            tr.write_line(line) if tr else print(line)
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled():  # shown without -s
+            print("\n".join(lines), flush=True)
 
 
 def _skip_without(launch: sm.Launch) -> None:

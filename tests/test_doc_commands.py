@@ -148,8 +148,8 @@ def doc_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[
 
 def shortened(cmd: dc.DocCommand, spec: dc.Run, root: Path, data: Path) -> str:
     """The command with its paths moved under `root` and the shortening arguments appended."""
-    text = re.sub(r"(?<![\w/.])runs/", f"{root}/runs/", cmd.text)
-    text = re.sub(r"(?<![\w.])/tmp/", f"{root}/tmp/", text)
+    # One pass: `runs/...` (relative) and `/tmp/...` both move under root.
+    text = re.sub(r"(?<![\w/.])(runs/|/tmp/)", lambda m: f"{root}/{m[1].strip('/')}/", cmd.text)
     words = shlex.split(cmd.text)
     argv = cifar_dist_argv(words) or []
     args, rest = parse(argv) if argv else (None, [])
