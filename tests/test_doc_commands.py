@@ -98,6 +98,26 @@ def test_extraction_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     ]
 
 
+def smoke_launch(words: list[str]) -> sm.Launch:
+    """The config-smoke launch line a command line corresponds to."""
+    if any(w.endswith("launch/deepspeed.sh") or w == "deepspeed" for w in words):
+        return sm.Launch("deepspeed", nproc(words))
+    if any(w.endswith("launch/torchrun.sh") or w == "torchrun" for w in words):
+        return sm.Launch("torchrun", nproc(words))
+    argv = cifar_dist_argv(words) or [""]
+    return sm.Launch("tune") if argv[0] == "tune" else sm.Launch("single")
+
+
+def test_commands_said_to_run_in_the_smoke_matrix_do() -> None:
+    """Check(SMOKE) is a claim: the config's header has the launch line the command uses."""
+    claimed = [c for c in CHECKS if dc.CLASSIFIED[c.text] == dc.Check(dc.SMOKE)]
+    assert len(claimed) >= 10, claimed
+    for c in claimed:
+        words = shlex.split(c.text)
+        config = dc.REPO / words[words.index("-c") + 1]
+        assert smoke_launch(words) in sm.launches(config), f"{c.where}: {c.text}"
+
+
 @pytest.mark.parametrize("cmd", CHECKS, ids=[c.where for c in CHECKS])
 def test_checked_command_parses_and_loads(cmd: dc.DocCommand) -> None:
     """Commands that cannot run here: the arguments parse and the config/sweep loads."""
