@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.cmd](args, rest)
     except _user_errors() as e:
-        print(f"cifar-dist: error: {e}", file=sys.stderr)
+        # An error every rank meets identically (rank0_only) is printed once, by rank 0.
+        if not getattr(e, "rank0_only", False) or os.environ.get("RANK", "0") == "0":
+            print(f"cifar-dist: error: {e}", file=sys.stderr)
         return 2
     except _preempted() as e:
         from cifar_dist.train.preemption import PREEMPTED_EXIT_CODE

@@ -291,6 +291,27 @@ def test_pipeline_refuses_zero2_with_one_line(synth_cifar10: Path, tmp_path: Pat
     assert not (tmp_path / "t").exists()  # refused before any run directory was made
 
 
+@needs_ds
+def test_pipeline_stages_with_different_param_groups_stop_with_one_line(
+    synth_cifar10: Path, tmp_path: Path
+) -> None:
+    """seed_cnn split by parameter count: stage 0 (conv blocks) has weight, vector and
+    norm-bias groups, stage 1 (the MLP head) no norm biases. DeepSpeed's ZeRO-1 all-reduces the
+    gradient norm once per group, so that run hung in its first step (configs/ds_pipe2.yaml
+    did); now every rank stops before the engine, rank 0 printing one line."""
+    extra = {**DS, "parallel.pp": 2, "model.name": "seed_cnn", "deepspeed.zero_stage": 1}
+    over = tiny_overrides(synth_cifar10, tmp_path, **extra, **{"deepspeed.partition": "parameters"})
+    proc = run_torchrun(2, "train", *cli_args(over), timeout=180)
+    assert proc.returncode != 0
+    lines = [x for x in (proc.stdout + proc.stderr).splitlines() if "cifar-dist: error:" in x]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(
+        "cifar-dist: error: deepspeed.partition: 'parameters' gives the pipeline stages "
+        "different optimizer parameter groups (stage 0: weights, vectors, norm_bias; "
+        "stage 1: weights, vectors)"
+    ), lines
+
+
 def test_fp16_on_cpu_is_refused_before_deepspeed_starts(
     synth_cifar10: Path, tmp_path: Path
 ) -> None:

@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 
 from cifar_dist.config.schema import DataConfig
 from cifar_dist.data.augment import batch_mixer, mix_seed, seeded_cpu_rng
+from cifar_dist.data.errors import BatchSizeError
 from cifar_dist.data.gpu_augment import (
     AugParams,
     Normalise,
@@ -48,11 +49,13 @@ def train_batches(cfg: DataConfig, n: int, micro_batch: int, world_size: int) ->
     if micro_batch < 1 or world_size < 1:
         raise ValueError(f"bad loader arguments: {micro_batch=} {world_size=}")
     if cfg.batch_size % per_step:
-        raise ValueError(f"data.batch_size={cfg.batch_size} is not a multiple of {per_step=}")
+        raise BatchSizeError(
+            f"data.batch_size: {cfg.batch_size} is not a multiple of micro-batch x ranks = {per_step}"
+        )
     if n < cfg.batch_size:
-        raise ValueError(
-            f"train split has {n} images, fewer than one global batch "
-            f"(data.batch_size={cfg.batch_size})"
+        raise BatchSizeError(
+            f"data.batch_size: {cfg.batch_size} is more than the {n} images of the train split "
+            "(fewer than one global batch); lower data.batch_size or use more data"
         )
     accum = cfg.batch_size // per_step
     # Whole optimiser steps only: a trailing partial step would leave gradients never applied.

@@ -27,6 +27,7 @@ from cifar_dist.data.augment import (
     seeded_cpu_rng,
     train_transform,
 )
+from cifar_dist.data.errors import BatchSizeError
 
 # Stream tags keep the per-sample, per-batch and worker-seed hashes apart.
 _SAMPLE, _BATCH, _WORKERS = 0, 1, 2
@@ -258,11 +259,13 @@ def build_loaders(
     if micro_batch < 1 or eval_batch < 1 or world_size < 1 or len(train.images) != n:
         raise ValueError(f"bad loader arguments: {micro_batch=} {eval_batch=} {world_size=}")
     if cfg.batch_size % per_step:
-        raise ValueError(f"data.batch_size={cfg.batch_size} is not a multiple of {per_step=}")
+        raise BatchSizeError(
+            f"data.batch_size: {cfg.batch_size} is not a multiple of micro-batch x ranks = {per_step}"
+        )
     if n < cfg.batch_size:
-        raise ValueError(
-            f"train split has {n} images, fewer than one global batch "
-            f"(data.batch_size={cfg.batch_size})"
+        raise BatchSizeError(
+            f"data.batch_size: {cfg.batch_size} is more than the {n} images of the train split "
+            "(fewer than one global batch); lower data.batch_size or use more data"
         )
     accum = cfg.batch_size // per_step
     # Whole optimiser steps only: a trailing partial step would leave gradients never applied.

@@ -110,6 +110,9 @@ def generate(cfg: Config, dp: int, steps_per_epoch: int) -> dict[str, Any]:
         "bf16": {"enabled": t.amp == "bf16"},
         # fp16: dynamic loss scaling (loss_scale 0), DeepSpeed's standard GPU setting.
         "fp16": {"enabled": t.amp == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # DeepSpeed (>= 0.19) casts parameters only; BatchNorm's running statistics would stay
+        # fp32 and batch_norm refuses bf16 weights with fp32 statistics. Cast buffers too.
+        **({"data_types": {"buffer_dtype": t.amp}} if t.amp != "none" else {}),
         "zero_optimization": {
             "stage": cfg.deepspeed.zero_stage,
             # parallel.bucket_cap_mb in fp32 elements. DeepSpeed's default (5e8 elements, 2 GB)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cifar_dist.config.schema import ConfigError
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.train.common import StepResult
 from cifar_dist.train.deepspeed_trainer import DeepSpeedTrainer
@@ -42,6 +43,29 @@ class DeepSpeedPipeTrainer(DeepSpeedTrainer):
         )
         self._owner = [self.ds_module.stage_owner(i) for i in range(len(layers))]
         self._stats = [0.0, 0.0, 0]  # loss sum, correct, samples seen by this (last) stage
+
+    def check_param_groups(self, groups: list[dict]) -> None:
+        """Every stage must have the same kinds of parameter groups under ZeRO: DeepSpeed
+        all-reduces the gradient norm across the stages once per group, so a stage with fewer
+        groups (e.g. no norm layers) leaves its peers waiting forever. Checked once, on every
+        rank alike, so all ranks stop with the same line instead of hanging."""
+        if self.cfg.deepspeed.zero_stage == 0:
+            return
+        mine = (self.ds_module.stage_id, [g.get("kind", "?") for g in groups])
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        stages = dict(sorted(every))
+        if len({tuple(kinds) for kinds in stages.values()}) > 1:
+            per_stage = "; ".join(f"stage {s}: {', '.join(k)}" for s, k in stages.items())
+            err = ConfigError(
+                f"deepspeed.partition: {self.cfg.deepspeed.partition!r} gives the pipeline stages "
+                f"different optimizer parameter groups ({per_stage}); DeepSpeed's ZeRO reduces "
+                "the gradient norm across stages once per group and would hang. Choose a "
+                "partition that gives every stage the same kinds of layers (e.g. type:Block) "
+                "or deepspeed.zero_stage: 0"
+            )
+            err.rank0_only = True  # type: ignore[attr-defined]  # the same on every rank
+            raise err
 
     def _pipe_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Runs on the last stage, once per micro-batch; also counts what the epoch logs."""

@@ -54,6 +54,13 @@ class DeepSpeedTrainer(Trainer):
         if self.cfg.model.norm == "sync_batch" and self.dims.dp_enabled:
             # In place (the root of our models is never a norm layer), as parallelize() does.
             convert_sync_batchnorm(self.model, self.device)
+        if self.cfg.train.channels_last:
+            # deepspeed.initialize broadcasts every parameter as `p.data.view(torch.uint8)`,
+            # which needs stride(-1) == 1 (a channels_last conv weight has C_in there), and its
+            # ZeRO/bf16 optimisers re-point parameters into flat contiguous buffers anyway. So
+            # the weights stay contiguous; the images are still channels_last (_batch), and a
+            # convolution follows its input's memory format.
+            self.model.to(memory_format=torch.contiguous_format)
         self.ds_module: nn.Module = self.model
         self.train_model = self.model  # the engine, once setup_optim has built it
 
@@ -75,6 +82,7 @@ class DeepSpeedTrainer(Trainer):
         batch = cfg.data.batch_size
         lr, _ = torch_lr_and_decay(cfg.optim, scaled_lr(cfg.optim, batch), batch)
         groups = adamw_param_groups(self.ds_module, cfg.optim, lr)
+        self.check_param_groups(optimizer.param_groups if optimizer is not None else groups)
         self.engine = initialize(self.ds_module, self.ds_config, optimizer, scheduler, groups)
         ds_checkpoint.install_safe_engine(self.engine)
         self.train_model = self.engine
@@ -89,6 +97,9 @@ class DeepSpeedTrainer(Trainer):
             self.optimizer.register_step_pre_hook(self._record_grad_norm)
         if self.info.is_main:
             write_ds_config(self.ds_config, self.run_dir / "ds_config.json")
+
+    def check_param_groups(self, groups: list[dict]) -> None:
+        """Hook: refuse optimiser parameter groups the engine cannot handle (pipeline only)."""
 
     # ----- one optimiser step ------------------------------------------------------------------
     def _batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
