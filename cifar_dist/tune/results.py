@@ -13,6 +13,7 @@ import yaml
 from cifar_dist.config.load import config_to_dict, load_config
 from cifar_dist.config.schema import Config
 from cifar_dist.tune.config import SweepConfig
+from cifar_dist.tune.pbt import adoptions
 
 EXTRA_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
@@ -32,6 +33,8 @@ class TrialRow:
     time_s: float = 0.0
     error: str = ""
     run_dir: str = ""
+    donors: list[str] = field(default_factory=list)
+    """PBT: the trials whose checkpoints this one continued from, in order."""
 
 
 def _finite(x: Any) -> bool:
@@ -69,6 +72,7 @@ def row_from_result(result: Any, sweep: SweepConfig, base: Config, trials_dir: P
         time_s=float(last.get("time_total_s", 0.0) or 0.0),
         error=error,
         run_dir=str(trials_dir / trial_id),
+        donors=[a["donor"] for a in adoptions(trials_dir / trial_id)],
     )
 
 
@@ -89,6 +93,8 @@ def write_csv(rows: list[TrialRow], sweep: SweepConfig, path: Path) -> None:
     extras = [k for k in EXTRA_METRICS if k != metric]
     header = ["trial_id", "status", *sweep.space, metric, f"best_{metric}", "epochs", *extras]
     header += ["time_s", "run_dir", "error"]
+    pbt = sweep.scheduler == "pbt"
+    header += ["pbt_donors"] if pbt else []
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -97,6 +103,7 @@ def write_csv(rows: list[TrialRow], sweep: SweepConfig, path: Path) -> None:
                 [r.trial_id, r.status, *(r.params.get(k) for k in sweep.space), r.value, r.best]
                 + [r.epochs, *(r.metrics.get(k, "") for k in extras)]
                 + [round(r.time_s, 2), r.run_dir, r.error]
+                + ([" ".join(r.donors)] if pbt else [])
             )
 
 

@@ -42,6 +42,8 @@ class TrialContext:
     train_storage: str = ""
     """Ray Train storage path of distributed trials."""
     keep_checkpoints: int = 1
+    pbt: bool = False
+    """search.scheduler=pbt: a restored checkpoint may be another trial's, with new values."""
 
 
 def trial_config(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, resume: str) -> Config:
@@ -88,6 +90,11 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     sink = ReportSink(tune.report, tune.Checkpoint)
     with restored(tune.get_checkpoint()) as resume:
+        if resume and ctx.pbt:
+            from cifar_dist.tune.pbt import adopt
+
+            cfg = trial_config(ctx, config, trial_id, "")
+            resume = adopt(resume, cfg, trial_id, Path(ctx.trials_dir) / trial_id)
         fit_and_report(trial_config(ctx, config, trial_id, resume), sink, ctx)
 
 
