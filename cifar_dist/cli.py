@@ -1,4 +1,4 @@
-"""`cifar-dist train|tune|eval|lr-find|data|compress|ds-consolidate ...` — thin: parse, call library functions, turn known errors into one line."""
+"""`cifar-dist train|tune|eval|predict|lr-find|data|compress|ds-consolidate ...` — thin: parse, call library functions, turn known errors into one line."""
 
 from __future__ import annotations
 
@@ -116,6 +116,20 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace, rest: list[str]) -> int:
+    from cifar_dist.config.schema import ConfigError
+    from cifar_dist.train.predict import predict
+
+    if rest:
+        raise ConfigError(f"{rest[0]}: predict takes --checkpoint, --top-k, --no-ema and images")
+    preds, errors = predict(args.checkpoint, args.images, args.top_k, use_ema=not args.no_ema)
+    for p in preds:
+        print(p.line(), flush=True)
+    for e in errors:
+        print(f"cifar-dist: error: {e}", file=sys.stderr)
+    return 2 if errors else 0
+
+
 def cmd_ds_consolidate(args: argparse.Namespace, rest: list[str]) -> int:
     from cifar_dist.train.ds_checkpoint import write_consolidated
 
@@ -201,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist"
     )
+    pr = sub.add_parser(
+        "predict",
+        help="top-k classes of image files: cifar-dist predict --checkpoint PATH IMAGE...",
+    )
+    pr.add_argument("--checkpoint", required=True, help="a run's checkpoint (.pt or DeepSpeed dir)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    pr.add_argument("--top-k", type=int, default=3, help="classes shown per image")
+    pr.add_argument("--no-ema", action="store_true", help="the raw weights even if EMA exists")
     lf = sub.add_parser(
         "lr-find", help="LR range test: cifar-dist lr-find -c CONFIG [--start --end --steps]"
     )
@@ -257,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "compress": cmd_compress,
         "ds-consolidate": cmd_ds_consolidate,
         "lr-find": cmd_lr_find,
+        "predict": cmd_predict,
     }
     try:
         return handlers[args.cmd](args, rest)

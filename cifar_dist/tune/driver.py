@@ -25,6 +25,7 @@ from cifar_dist.tune.trainable import TrialContext, run_distributed_trial, run_t
 # (on a 2-CPU machine a 2-worker trial could not start otherwise). Ray refuses an empty
 # request, so it reserves this much of the `memory` resource instead.
 DRIVER_MEMORY_BYTES = 256 * 2**20
+PBT_MIN_CHECKPOINTS = 4
 EXPERIMENT = "ray"  # Tune's experiment directory inside the sweep directory
 
 TrialFn = Callable[[dict[str, Any], TrialContext], None]
@@ -110,6 +111,13 @@ def reuse_actors(sweep: SweepConfig, base: Config) -> bool:
     return not (deepspeed and sweep.trial.workers == 1)
 
 
+def checkpoints_kept(sweep: SweepConfig) -> int:
+    """PBT restores a trial from another's checkpoint some time after choosing it, while that
+    trial goes on training; with 1-2 kept it may be gone by then (Tune warns at <= 2)."""
+    keep = sweep.trial.keep_checkpoints
+    return max(keep, PBT_MIN_CHECKPOINTS) if sweep.scheduler == "pbt" else keep
+
+
 def make_trainable(sweep: SweepConfig, ctx: TrialContext, trial_fn: TrialFn | None) -> Any:
     from ray import tune
 
@@ -151,7 +159,7 @@ def build_tuner(
             name=EXPERIMENT,
             storage_path=str(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=sweep.trial.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.trial.keep_checkpoints),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_kept(sweep)),
             verbose=1,
         ),
     )
