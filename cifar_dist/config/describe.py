@@ -113,14 +113,16 @@ def format_keys(keys: list[KeyDoc], width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def run_config_help() -> str:
+RUN_HEAD = (
+    "config keys: YAML sections, or --section.key=value on the command line\n"
+    "(defaults < YAML file and its `base:` chain < command line):"
+)
+
+
+def run_config_help(head: str = RUN_HEAD) -> str:
     """The `train --help` epilog: every run-config key."""
     from cifar_dist.config.schema import Config
 
-    head = (
-        "config keys (YAML sections, or --section.key=value on the command line; "
-        "defaults < YAML (with its base: chain) < command line):"
-    )
     return head + "\n" + format_keys(describe_keys(Config))
 
 
@@ -134,5 +136,5 @@ def sweep_help() -> str:
         "sweep file keys (or --section.key=value on the command line):\n"
         + format_keys(keys + space)
         + "\n\n"
-        + run_config_help().replace("config keys", "run config keys (set for every trial", 1)
+        + run_config_help("run config keys (--section.key=value: a fixed value for every trial):")
     )
