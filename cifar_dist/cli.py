@@ -71,9 +71,9 @@ def cmd_tune(args: argparse.Namespace, rest: list[str]) -> int:
     from cifar_dist.tune.summary import describe
 
     if args.resume:
-        if args.config or rest:
-            raise SweepError("--resume takes the sweep directory only (its sweep.yaml is used)")
-        sweep, outcome = resume_sweep(Path(args.resume))
+        if args.config:
+            raise SweepError("--resume takes a sweep directory, not -c (its sweep.yaml is used)")
+        sweep, outcome = resume_sweep(Path(args.resume), overrides=rest)
     else:
         if not args.config:
             raise SweepError("give a sweep file (-c SWEEP) or a sweep directory (--resume DIR)")

@@ -240,19 +240,26 @@ def run_sweep(
 
 
 def resume_sweep(
-    sweep_dir: Path, trial_fn: TrialFn | None = None
+    sweep_dir: Path, trial_fn: TrialFn | None = None, overrides: list[str] | None = None
 ) -> tuple[SweepConfig, SweepOutcome]:
     """Continue an interrupted sweep from <sweep_dir>/ray (Tune's experiment state): finished
     trials are kept, unfinished and errored ones continue from their last checkpoints, trials
-    not yet started start. The sweep and base config are the ones the sweep was started with."""
-    from cifar_dist.config.load import load_config, read_yaml
+    not yet started start. The sweep and base config are the ones the sweep was started with;
+    `overrides` may change only where Ray runs (`--ray.address=...`: a requeued Slurm job's new
+    cluster)."""
+    from cifar_dist.config.load import load_config, merge_trees, parse_overrides, read_yaml
     from cifar_dist.tune.load import _normalise, build_sweep
 
     sweep_dir = sweep_dir.expanduser().resolve()
     for name in ("sweep.yaml", "base_config.yaml"):
         if not (sweep_dir / name).is_file():
             raise SweepError(f"{sweep_dir}: no {name}; --resume takes a sweep directory")
-    sweep = build_sweep(_normalise(read_yaml(sweep_dir / "sweep.yaml")))
+    over = parse_overrides(overrides or [])
+    if set(over) - {"ray"}:
+        raise SweepError(
+            f"--resume: only ray.* may change; the rest is fixed by {sweep_dir / 'sweep.yaml'}"
+        )
+    sweep = build_sweep(merge_trees(_normalise(read_yaml(sweep_dir / "sweep.yaml")), over))
     _require_ray(sweep)
     base_tree = read_yaml(sweep_dir / "base_config.yaml")
     base = load_config(None, base_tree)

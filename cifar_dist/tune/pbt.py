@@ -74,7 +74,9 @@ def adopt(ckpt_path: str, cfg: Config, trial_id: str, run_dir: Path) -> str:
     out = run_dir / "pbt" / f"adopted-{donor}-step{state.get('step', 0)}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(ckpt, out)
-    record = {"epoch": state.get("epoch"), "donor": donor, "changed": changed}
+    jsonl = run_dir / "metrics.jsonl"  # where in this trial's epoch log it continues
+    at = len(jsonl.read_text().splitlines()) if jsonl.is_file() else 0
+    record = {"epoch": state.get("epoch"), "donor": donor, "changed": changed, "at_record": at}
     with (run_dir / LOG_NAME).open("a") as f:
         f.write(json.dumps(record) + "\n")
     return str(out)

@@ -45,7 +45,9 @@ def row_from_result(result: Any, sweep: SweepConfig, base: Config, trials_dir: P
     """One Ray Tune `Result` -> TrialRow (Tune names trial directories by trial id)."""
     metric, mode = sweep.search.metric, sweep.search.mode
     last = dict(result.metrics or {})
-    trial_id = str(last.get("trial_id") or Path(result.path).name)
+    # The trial directory, not the last result: a PBT trial restored from another trial's
+    # checkpoint can carry that trial's last result (id and config) until it reports again.
+    trial_id = Path(result.path).name if result.path else str(last.get("trial_id"))
     params = {k: (result.config or {}).get(k) for k in sweep.space}
     history = result.metrics_dataframe
     values: list[float] = []

@@ -61,7 +61,7 @@ def scheduler(sweep: SweepConfig, epochs: int) -> Any:
     """ASHA or PBT on the per-epoch reports (time axis = the `epoch` the trainer logs), or None
     (FIFO)."""
     if sweep.scheduler == "pbt":
-        return pbt_scheduler(sweep)
+        return pbt_scheduler(sweep, epochs)
     if sweep.scheduler != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
@@ -75,13 +75,25 @@ def scheduler(sweep: SweepConfig, epochs: int) -> Any:
     )
 
 
-def pbt_scheduler(sweep: SweepConfig) -> Any:
+def pbt_scheduler(sweep: SweepConfig, epochs: int) -> Any:
     """Tune's PopulationBasedTraining; a trial it exploits restarts from the better trial's
     checkpoint with perturbed values, which tune/pbt.py writes into that checkpoint."""
     from ray.tune.schedulers import PopulationBasedTraining
 
+    class FinalEpochPBT(PopulationBasedTraining):
+        """Tune's PBT would also exploit at (or from) the last epoch: the trial would restart
+        from a finished checkpoint, train nothing and end as a copy of the other trial."""
+
+        def _exploit(self, tune_controller: Any, trial: Any, trial_to_clone: Any) -> None:
+            states = [self._trial_state[t] for t in (trial, trial_to_clone)]
+            times = [s.last_train_time for s in states]
+            times += [(s.last_result or {}).get("epoch", 0) for s in states]
+            if max(times) >= epochs:
+                return
+            super()._exploit(tune_controller, trial, trial_to_clone)
+
     p = sweep.pbt
-    return PopulationBasedTraining(
+    return FinalEpochPBT(
         time_attr="epoch",
         perturbation_interval=p.interval,
         burn_in_period=p.burn_in,
