@@ -539,6 +539,8 @@ def test_interrupted_sweep_resumes_unfinished_trials_from_their_checkpoints(
     before = {r["trial_id"]: r for r in csv_rows(sweep_dir / "sweep_results.csv")}
     done = {k: r for k, r in before.items() if r["status"] == "completed"}
     assert sorted(float(r["optim.lr"]) for r in done.values()) == lrs[:2]
+    cut = [r for r in before.values() if float(r["optim.lr"]) == INTERRUPT_LR]
+    assert [r["status"] for r in cut] == ["unfinished"]
     finished_logs = {k: (Path(r["run_dir"]) / "metrics.jsonl").read_text() for k, r in done.items()}
     from cifar_dist.tune.driver import resume_sweep
 

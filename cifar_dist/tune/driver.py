@@ -285,8 +285,15 @@ def resume_sweep(
 def write_results(
     grid: Any, sweep: SweepConfig, base: Config, base_tree: dict[str, Any], sweep_dir: Path
 ) -> SweepOutcome:
-    # ResultGrid lists trials in creation order: the x axis of "best so far vs trial".
     rows = [results.row_from_result(r, sweep, base, sweep_dir / "trials") for r in grid]
+    # Tune returns normally after a SIGINT/SIGUSR1 stop: then some trial has neither an error
+    # nor a final (`done`) result (trials ASHA stopped have one), or not all trials were created.
+    for row, result in zip(rows, grid, strict=True):
+        if result.error is None and not (result.metrics or {}).get("done"):
+            row.status = "unfinished"
+    interrupted = len(rows) < space.num_trials(sweep) or any(r.status == "unfinished" for r in rows)
+    # Trial ids end in a creation counter (<experiment>_00003): the x axis of "best so far".
+    rows.sort(key=lambda r: r.trial_id)
     csv_path = sweep_dir / "sweep_results.csv"
     results.write_csv(rows, sweep, csv_path)
     plots = results.plot_all(rows, sweep, sweep_dir)
@@ -295,9 +302,6 @@ def write_results(
     if best is not None:
         best_yaml = sweep_dir / "best_config.yaml"
         results.write_best_yaml(results.best_config(base_tree, best), best, sweep, best_yaml)
-    # Tune returns normally after a SIGINT/SIGUSR1 stop: trials not ended, or not all created.
-    ended = grid.num_terminated + grid.num_errors
-    interrupted = ended < len(rows) or len(rows) < space.num_trials(sweep)
     outcome = SweepOutcome(sweep_dir, rows, best, best_yaml, csv_path, plots, interrupted)
     outcome.wandb_dir = summary.log_summary_run(outcome, sweep, base)
     return outcome

@@ -22,7 +22,8 @@ EXTRA_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 class TrialRow:
     trial_id: str
     status: str
-    """completed | stopped (early: ASHA or train.early_stopping) | diverged | error."""
+    """completed | stopped (early: ASHA or train.early_stopping) | diverged | error |
+    unfinished (the sweep was interrupted; `cifar-dist tune --resume` continues it)."""
     params: dict[str, Any]
     value: float
     """The search metric's last reported value (nan when none)."""

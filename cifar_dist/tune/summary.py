@@ -57,7 +57,7 @@ def summary_values(outcome: SweepOutcome, sweep: SweepConfig) -> dict[str, Any]:
         "interrupted": outcome.interrupted,
         **{
             f"trials_{s}": sum(r.status == s for r in outcome.rows)
-            for s in ("completed", "stopped", "diverged", "error")
+            for s in ("completed", "stopped", "diverged", "error", "unfinished")
         },
     }
     best = outcome.best
