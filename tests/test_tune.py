@@ -546,7 +546,7 @@ def test_interrupted_sweep_resumes_unfinished_trials_from_their_checkpoints(
 
     # Tune wants the same trainable back; the cut trial now has a checkpoint, so it goes on.
     _, out = resume_sweep(sweep_dir, trial_fn=interrupting_trial)
-    assert not out.interrupted
+    assert not out.interrupted, [(r.trial_id, r.status, r.epochs, r.error) for r in out.rows]
     rows = csv_rows(out.csv)
     assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4  # no trial twice
     assert sorted(float(r["optim.lr"]) for r in rows) == lrs

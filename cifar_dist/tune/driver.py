@@ -141,6 +141,8 @@ def build_tuner(
 ) -> Any:
     from ray import tune
 
+    from cifar_dist.tune.ended import EndedTrials
+
     s = sweep.search
     return tune.Tuner(
         make_trainable(sweep, ctx, trial_fn),
@@ -160,6 +162,7 @@ def build_tuner(
             storage_path=str(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=sweep.trial.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_kept(sweep)),
+            callbacks=[EndedTrials(sweep_dir)],
             verbose=1,
         ),
     )
@@ -286,10 +289,12 @@ def write_results(
     grid: Any, sweep: SweepConfig, base: Config, base_tree: dict[str, Any], sweep_dir: Path
 ) -> SweepOutcome:
     rows = [results.row_from_result(r, sweep, base, sweep_dir / "trials") for r in grid]
-    # Tune returns normally after a SIGINT/SIGUSR1 stop: then some trial has neither an error
-    # nor a final (`done`) result (trials ASHA stopped have one), or not all trials were created.
-    for row, result in zip(rows, grid, strict=True):
-        if result.error is None and not (result.metrics or {}).get("done"):
+    from cifar_dist.tune.ended import ended_trials
+
+    # Tune returns normally after a SIGINT/SIGUSR1 stop (tune/ended.py tells the trials apart).
+    ended = ended_trials(sweep_dir)
+    for row in rows:
+        if row.trial_id not in ended:
             row.status = "unfinished"
     interrupted = len(rows) < space.num_trials(sweep) or any(r.status == "unfinished" for r in rows)
     # Trial ids end in a creation counter (<experiment>_00003): the x axis of "best so far".
