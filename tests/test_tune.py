@@ -472,9 +472,10 @@ INTERRUPT_LR = 0.03  # the third of four grid points
 
 
 def interrupting_trial(config: dict[str, Any], ctx: Any) -> None:
-    """run_trial, but the trial for INTERRUPT_LR, once its epoch-1 report (and checkpoint) is
-    in, sends SIGTERM to the sweep driver (as Slurm does on pre-emption) and waits to be
-    stopped."""
+    """run_trial, but the first attempt of the trial for INTERRUPT_LR, having reported epoch 1
+    (with its checkpoint) and logged epoch 2 to its metrics.jsonl, sends SIGTERM to the sweep
+    driver (as Slurm does on pre-emption) instead of reporting epoch 2, and waits to be stopped.
+    """
     import signal
     import time
 
@@ -486,10 +487,10 @@ def interrupting_trial(config: dict[str, Any], ctx: Any) -> None:
     if config["optim.lr"] == INTERRUPT_LR and tune.get_checkpoint() is None:
 
         def report(metrics: dict[str, Any], *, checkpoint: Any = None) -> None:
+            if metrics.get("epoch") == 2:
+                os.kill(int(os.environ["CIFAR_DIST_TEST_DRIVER_PID"]), signal.SIGTERM)
+                time.sleep(120)  # the driver stops this trial
             real(metrics, checkpoint=checkpoint)
-            time.sleep(1.0)
-            os.kill(int(os.environ["CIFAR_DIST_TEST_DRIVER_PID"]), signal.SIGTERM)
-            time.sleep(120)  # the driver stops this trial
 
         tune.report = report
     try:
@@ -539,8 +540,9 @@ def test_interrupted_sweep_resumes_unfinished_trials_from_their_checkpoints(
     before = {r["trial_id"]: r for r in csv_rows(sweep_dir / "sweep_results.csv")}
     done = {k: r for k, r in before.items() if r["status"] == "completed"}
     assert sorted(float(r["optim.lr"]) for r in done.values()) == lrs[:2]
-    cut = [r for r in before.values() if float(r["optim.lr"]) == INTERRUPT_LR]
-    assert [r["status"] for r in cut] == ["unfinished"]
+    (cut,) = [r for r in before.values() if float(r["optim.lr"]) == INTERRUPT_LR]
+    assert cut["status"] == "unfinished" and cut["epochs"] == "1"  # Tune got epoch 1 only
+    assert epochs_logged(Path(cut["run_dir"])) == [1, 2]  # the trial itself had logged epoch 2
     finished_logs = {k: (Path(r["run_dir"]) / "metrics.jsonl").read_text() for k, r in done.items()}
     from cifar_dist.tune.driver import resume_sweep
 
@@ -552,7 +554,8 @@ def test_interrupted_sweep_resumes_unfinished_trials_from_their_checkpoints(
     assert sorted(float(r["optim.lr"]) for r in rows) == lrs
     assert all(r["status"] == "completed" and r["epochs"] == "2" for r in rows)
     for r in rows:
-        # every trial logged epochs 1 and 2 exactly once: the cut trial went on from epoch 1
+        # every trial logged epochs 1 and 2 exactly once: the cut trial went on from its
+        # epoch-1 checkpoint, and its unreported epoch-2 record was dropped before the rerun
         assert epochs_logged(Path(r["run_dir"])) == [1, 2], r
     for trial_id, text in finished_logs.items():  # finished trials were not run again
         assert (Path(before[trial_id]["run_dir"]) / "metrics.jsonl").read_text() == text
