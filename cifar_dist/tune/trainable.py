@@ -78,11 +78,16 @@ def drop_records_after_checkpoint(ckpt_path: str, trial_id: str, run_dir: Path) 
     """A trial restored from its own checkpoint (retry, --resume, PBT pause) trains again from
     that step; records the run logged after it (an epoch whose report Tune never received
     before the stop) would be logged twice, so they are dropped from metrics.jsonl/steps.jsonl.
-    A checkpoint from another trial (PBT) branches the history instead: nothing is dropped."""
+    A checkpoint from another trial (PBT) branches the history instead: nothing is dropped, nor
+    after such a branch (steps then count from the donor's start, not in file order)."""
     import json
 
     import torch
 
+    from cifar_dist.tune.pbt import LOG_NAME
+
+    if (run_dir / LOG_NAME).is_file():
+        return
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     if ckpt.get("config", {}).get("log", {}).get("name") != trial_id:
         return
