@@ -1,6 +1,7 @@
 """Ray Tune sweeps on CPU: grid, Bayesian (Optuna TPE), ASHA, a diverging trial, a retried
-trial resuming from its Tune checkpoint, a 2-worker Ray Train trial, and the best config
-reproduced by `cifar-dist train`. One Ray instance (2 CPUs) serves the whole module."""
+trial resuming from its Tune checkpoint, a 2-worker Ray Train trial, the best config
+reproduced by `cifar-dist train`, the W&B summary run, PBT, and a SIGTERM-interrupted sweep
+resumed with Tuner.restore. One Ray instance (2 CPUs) serves the whole module."""
 
 from __future__ import annotations
 
