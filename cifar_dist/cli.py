@@ -1,4 +1,4 @@
-"""`cifar-dist train|tune|eval|lr-find|data|compress|ds-consolidate ...` — thin: parse, call library functions, turn known errors into one line."""
+"""`cifar-dist train|tune|eval|predict|lr-find|data|compress|ds-consolidate ...` — thin: parse, call library functions, turn known errors into one line."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from cifar_dist.train.fit import fit
 
     cfg = load_config(args.config, rest)
+    if args.print_config:
+        print(_config_yaml(cfg), end="")
+        return 0
     fit(cfg)
     if cfg.parallel.engine == "deepspeed" and "LOCAL_RANK" in os.environ:
         # A DeepSpeed worker on CPU/gloo now and then aborts in interpreter teardown, after all
@@ -54,13 +57,36 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _config_yaml(cfg: object) -> str:
+    import yaml
+
+    from cifar_dist.config.load import config_to_dict
+
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def cmd_tune(args: argparse.Namespace, rest: list[str]) -> int:
     from cifar_dist.tune import SweepError, load_sweep
-    from cifar_dist.tune.driver import describe, run_sweep
+    from cifar_dist.tune.driver import resume_sweep, run_sweep
+    from cifar_dist.tune.summary import describe
 
-    sweep, base, _ = load_sweep(args.config, rest)
-    outcome = run_sweep(sweep, base, Path(args.config) if args.config else None)
+    if args.resume:
+        if args.config:
+            raise SweepError("--resume takes a sweep directory, not -c (its sweep.yaml is used)")
+        sweep, outcome = resume_sweep(Path(args.resume), overrides=rest)
+    else:
+        if not args.config:
+            raise SweepError("give a sweep file (-c SWEEP) or a sweep directory (--resume DIR)")
+        sweep, base, _ = load_sweep(args.config, rest)
+        if args.print_config:
+            print(f"# sweep\n{_config_yaml(sweep)}---\n# base run config\n{_config_yaml(base)}")
+            return 0
+        outcome = run_sweep(sweep, base, Path(args.config))
     print(describe(outcome, sweep), flush=True)
+    if outcome.interrupted:
+        raise _preempted()(
+            f"sweep interrupted; resume with: cifar-dist tune --resume {outcome.sweep_dir}"
+        )
     if outcome.best is None:
         raise SweepError(f"no trial finished with a result; see {outcome.sweep_dir}/ray")
     return 0
@@ -88,6 +114,20 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # the process group is gone by now
         print(json.dumps(res, indent=2), flush=True)
     return 0
+
+
+def cmd_predict(args: argparse.Namespace, rest: list[str]) -> int:
+    from cifar_dist.config.schema import ConfigError
+    from cifar_dist.train.predict import predict
+
+    if rest:
+        raise ConfigError(f"{rest[0]}: predict takes --checkpoint, --top-k, --no-ema and images")
+    preds, errors = predict(args.checkpoint, args.images, args.top_k, use_ema=not args.no_ema)
+    for p in preds:
+        print(p.line(), flush=True)
+    for e in errors:
+        print(f"cifar-dist: error: {e}", file=sys.stderr)
+    return 2 if errors else 0
 
 
 def cmd_ds_consolidate(args: argparse.Namespace, rest: list[str]) -> int:
@@ -124,6 +164,24 @@ def cmd_data(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+PRINT_HELP = "print the resolved config as YAML and exit"
+
+
+KEYS_EPILOG = {"<run config keys>": "run", "<sweep config keys>": "sweep"}
+
+
+class _KeysHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Expands the epilog marker into the key list only when --help prints it (the list is read
+    from the schema source with ast: no cost on ordinary runs)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text in KEYS_EPILOG:
+            from cifar_dist.config.describe import run_config_help, sweep_help
+
+            text = run_config_help() if KEYS_EPILOG[text] == "run" else sweep_help()
+        return super()._fill_text(text, width, indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cifar-dist", description=__doc__)
     # The `deepspeed` launcher inserts --local_rank=N before the subcommand; LOCAL_RANK (which
@@ -131,19 +189,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser(
-        "train", help="train a model: cifar-dist train -c CONFIG [--section.key=value ...]"
+        "train",
+        help="train a model: cifar-dist train -c CONFIG [--section.key=value ...]",
+        formatter_class=_KeysHelpFormatter,
+        epilog="<run config keys>",
     )
-    t.add_argument("-c", "--config", help="YAML config file")
+    t.add_argument("-c", "--config", help="YAML config file (may name a `base:` file)")
+    t.add_argument("--print-config", action="store_true", help=PRINT_HELP)
     tu = sub.add_parser(
         "tune",
         help="Ray Tune sweep: cifar-dist tune -c SWEEP [--search.num_samples=N] [--data.dir=...]",
+        formatter_class=_KeysHelpFormatter,
+        epilog="<sweep config keys>",
     )
-    tu.add_argument("-c", "--config", required=True, help="sweep YAML (configs/tune/*.yaml)")
+    tu.add_argument("-c", "--config", help="sweep YAML (configs/tune/*.yaml)")
+    tu.add_argument(
+        "--resume",
+        metavar="SWEEP_DIR",
+        help="continue an interrupted sweep (its unfinished and errored trials, from their "
+        "checkpoints); runs/tune/<name>",
+    )
+    tu.add_argument("--print-config", action="store_true", help=PRINT_HELP)
     e = sub.add_parser("eval", help="evaluate a checkpoint on its validation/test splits")
     e.add_argument("--checkpoint", required=True)
     e.add_argument(
         "--no-ema", action="store_true", help="evaluate the raw weights even if EMA weights exist"
     )
+    pr = sub.add_parser(
+        "predict",
+        help="top-k classes of image files: cifar-dist predict --checkpoint PATH IMAGE...",
+    )
+    pr.add_argument("--checkpoint", required=True, help="a run's checkpoint (.pt or DeepSpeed dir)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    pr.add_argument("--top-k", type=int, default=3, help="classes shown per image")
+    pr.add_argument("--no-ema", action="store_true", help="the raw weights even if EMA exists")
     lf = sub.add_parser(
         "lr-find", help="LR range test: cifar-dist lr-find -c CONFIG [--start --end --steps]"
     )
@@ -200,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "compress": cmd_compress,
         "ds-consolidate": cmd_ds_consolidate,
         "lr-find": cmd_lr_find,
+        "predict": cmd_predict,
     }
     try:
         return handlers[args.cmd](args, rest)

@@ -1,6 +1,7 @@
 """Ray Tune sweeps on CPU: grid, Bayesian (Optuna TPE), ASHA, a diverging trial, a retried
-trial resuming from its Tune checkpoint, a 2-worker Ray Train trial, and the best config
-reproduced by `cifar-dist train`. One Ray instance (2 CPUs) serves the whole module."""
+trial resuming from its Tune checkpoint, a 2-worker Ray Train trial, the best config
+reproduced by `cifar-dist train`, the W&B summary run, PBT, and a SIGTERM-interrupted sweep
+resumed with Tuner.restore. One Ray instance (2 CPUs) serves the whole module."""
 
 from __future__ import annotations
 
@@ -214,6 +215,7 @@ def test_grid_sweep_wandb_runs_csv_and_best_config_reproduces(
     assert {p.name for p in out.plots} == {"val_acc_vs_lr.png", "best_so_far.png"}
     best = max(rows, key=lambda r: float(r["val_acc"]))
     assert out.best.trial_id == best["trial_id"]
+    check_summary_run(out.sweep_dir, rows, best)
     # The best config, run as a plain training run, reproduces its trial's metrics.
     proc = subprocess.run(
         [sys.executable, "-m", "cifar_dist", "train", "-c", str(out.best_yaml)]
@@ -227,6 +229,34 @@ def test_grid_sweep_wandb_runs_csv_and_best_config_reproduces(
     summary = json.loads((tmp_path / "repro/r/summary.json").read_text())
     assert summary["val_acc"] == pytest.approx(float(best["val_acc"]), abs=1e-6)
     assert summary["val_loss"] == pytest.approx(float(best["val_loss"]), rel=1e-4)
+
+
+def check_summary_run(sweep_dir: Path, rows: list[dict[str, str]], best: dict[str, str]) -> None:
+    """The sweep's W&B summary run: a trials table matching the CSV, the best trial named."""
+    from tests.wandb_records import offline_run
+
+    rec = offline_run(sweep_dir / "summary")
+    assert rec["run"].run_group == sweep_dir.name and rec["run"].job_type == "sweep-summary"
+    assert rec["config"]["sweep"]["space"]["optim.lr"]["values"] == [0.01, 0.02, 0.05, 0.1]
+    s = rec["summary"]
+    assert s["best_trial_id"] == best["trial_id"] and s["best_run_dir"] == best["run_dir"]
+    assert s["best_val_acc"] == pytest.approx(float(best["val_acc"]))
+    assert s["best/optim.lr"] == pytest.approx(float(best["optim.lr"]))
+    assert s["best_wandb_run_id"] == offline_run(Path(best["run_dir"]))["run"].run_id
+    assert s["trials"] == 4 and s["trials_completed"] == 4 and s["interrupted"] is False
+    (table_file,) = (sweep_dir / "summary").glob("wandb/offline-run-*/files/media/table/trials_*")
+    table = json.loads(table_file.read_text())
+    cols = table["columns"]
+    assert cols[:3] == ["trial_id", "status", "optim.lr"]  # searched keys as plain columns
+    by_id = {r[0]: dict(zip(cols, r, strict=True)) for r in table["data"]}
+    assert set(by_id) == {r["trial_id"] for r in rows}
+    for r in rows:
+        t = by_id[r["trial_id"]]
+        assert isinstance(t["optim.lr"], float)  # numeric: a parallel-coordinates axis
+        assert t["optim.lr"] == pytest.approx(float(r["optim.lr"]))
+        assert t["val_acc"] == pytest.approx(float(r["val_acc"]))
+        assert t["val_loss"] == pytest.approx(float(r["val_loss"]))
+        assert t["status"] == r["status"] and t["run_dir"] == r["run_dir"]
 
 
 def test_bayes_sweep_samples_within_the_space(
@@ -347,3 +377,199 @@ def test_trial_with_two_ray_train_workers(
     from tests.wandb_records import offline_run
 
     assert offline_run(run_dir)["run"].run_group == out.sweep_dir.name  # one run: rank 0 only
+
+
+# ----- reuse of trial processes, PBT, interrupted sweeps, the W&B summary run -----------------
+def test_trial_processes_are_not_reused_for_deepspeed(synth_cifar10: Path, tmp_path: Path) -> None:
+    from cifar_dist.config.load import load_config
+    from cifar_dist.tune.driver import reuse_actors
+
+    path = write_sweep(
+        tmp_path, synth_cifar10, {"space": {"optim.lr": [0.1]}, "search": {"algo": "grid"}}
+    )
+    sweep, base, _ = load_sweep(path)
+    assert reuse_actors(sweep, base)  # torch trials share a process: no torch import per trial
+    ds = load_config(None, {"parallel.engine": "deepspeed"})
+    assert not reuse_actors(sweep, ds)  # DeepSpeed: one run per process
+    sweep, _, _ = load_sweep(path, ["--space.parallel.engine.values=[torch, deepspeed]"])
+    assert not reuse_actors(sweep, base)  # searched engine: some trials may be DeepSpeed
+    sweep, _, _ = load_sweep(path, ["--trial.workers=2"])
+    assert reuse_actors(sweep, ds)  # Ray Train workers are fresh processes per trial
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--search.algo=bayes", "--search.num_samples=2"], "search.algo: bayes cannot"),
+        (["--space.data.batch_size.values=[16]"], "space.data.batch_size: search.scheduler=pbt"),
+        (["--schedule.name=onecycle"], "schedule.name: onecycle; search.scheduler=pbt needs"),
+        (["--asha.enabled=true"], "asha.enabled: ASHA and PBT"),
+    ],
+)
+def test_pbt_refuses_what_it_cannot_change(
+    synth_cifar10: Path, tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    tree = {"space": {"optim.lr": [0.1]}, "search": {"algo": "grid", "scheduler": "pbt"}}
+    path = write_sweep(tmp_path, synth_cifar10, tree)
+    with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
+        load_sweep(path, overrides)
+
+
+EPOCHS = 4
+
+
+def test_pbt_exploits_a_better_trial_with_its_checkpoint_and_new_values(
+    ray_session: Any, synth_cifar10: Path, tmp_path: Path
+) -> None:
+    path = write_sweep(
+        tmp_path,
+        synth_cifar10,
+        {
+            # 4 trials, two at a time; at every epoch the worse of two copies the better one
+            "space": {"optim.lr": {"low": 0.002, "high": 0.2, "log": True}},
+            "search": {
+                "algo": "random",
+                "num_samples": 4,
+                "scheduler": "pbt",
+                "metric": "train_loss",
+                "mode": "min",
+            },
+            "pbt": {"interval": 1, "quantile_fraction": 0.5},
+        },
+        **{"train.epochs": EPOCHS, "data.subset": 128},
+    )
+    out = run(path)
+    rows = csv_rows(out.csv)
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+    exploited = [r for r in out.rows if r.donors]
+    assert exploited, "no trial was exploited"
+    assert (out.sweep_dir / "ray" / "pbt_global.txt").read_text().strip()  # Tune's own record
+    from cifar_dist.tune.pbt import adoptions
+
+    ids = {r.trial_id for r in out.rows}
+    for row in exploited:
+        assert set(row.donors) <= ids - {row.trial_id}
+        assert next(r for r in rows if r["trial_id"] == row.trial_id)["pbt_donors"]
+        run_dir = Path(row.run_dir)
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["epoch"] == EPOCHS
+        steps = adoptions(run_dir)
+        for a, nxt in zip(steps, [*steps[1:], {"at_record": len(records)}]):
+            # It went on at the epoch after the donor's checkpoint ...
+            after = records[a["at_record"] : nxt["at_record"]]
+            assert after and after[0]["epoch"] == a["epoch"] + 1
+            assert [r["epoch"] for r in after] == list(range(a["epoch"] + 1, EPOCHS + 1))[
+                : len(after)
+            ]
+            # ... with the perturbed lr, not the donor's (constant schedule, torch units: the
+            # epoch record's lr is optim.lr).
+            old_lr, new_lr = a["changed"]["optim.lr"]
+            assert new_lr != pytest.approx(old_lr)
+            assert all(r["lr"] == pytest.approx(new_lr) for r in after)
+        assert row.params["optim.lr"] == pytest.approx(steps[-1]["changed"]["optim.lr"][1])
+
+
+INTERRUPT_LR = 0.03  # the third of four grid points
+
+
+def interrupting_trial(config: dict[str, Any], ctx: Any) -> None:
+    """run_trial, but the first attempt of the trial for INTERRUPT_LR, having reported epoch 1
+    (with its checkpoint) and logged epoch 2 to its metrics.jsonl, sends SIGTERM to the sweep
+    driver (as Slurm does on pre-emption) instead of reporting epoch 2, and waits to be stopped.
+    """
+    import signal
+    import time
+
+    from ray import tune
+
+    from cifar_dist.tune.trainable import run_trial
+
+    real = tune.report
+    if config["optim.lr"] == INTERRUPT_LR and tune.get_checkpoint() is None:
+
+        def report(metrics: dict[str, Any], *, checkpoint: Any = None) -> None:
+            if metrics.get("epoch") == 2:
+                os.kill(int(os.environ["CIFAR_DIST_TEST_DRIVER_PID"]), signal.SIGTERM)
+                time.sleep(120)  # the driver stops this trial
+            real(metrics, checkpoint=checkpoint)
+
+        tune.report = report
+    try:
+        run_trial(config, ctx)
+    finally:
+        tune.report = real
+
+
+DRIVER = """
+import os, sys
+from pathlib import Path
+from cifar_dist.tune import load_sweep
+from cifar_dist.tune.driver import run_sweep
+from tests.test_tune import interrupting_trial
+os.environ["CIFAR_DIST_TEST_DRIVER_PID"] = str(os.getpid())
+sweep, base, _ = load_sweep(sys.argv[1])
+out = run_sweep(sweep, base, Path(sys.argv[1]), trial_fn=interrupting_trial)
+print("INTERRUPTED" if out.interrupted else "FINISHED", out.sweep_dir)
+"""
+
+
+def test_interrupted_sweep_resumes_unfinished_trials_from_their_checkpoints(
+    ray_session: Any, synth_cifar10: Path, tmp_path: Path
+) -> None:
+    lrs = [0.01, 0.02, INTERRUPT_LR, 0.05]
+    path = write_sweep(
+        tmp_path,
+        synth_cifar10,
+        {
+            "name": "cut",
+            "space": {"optim.lr": {"values": lrs}},
+            "search": {"algo": "grid", "max_concurrent": 1},  # trials in grid order
+            "ray": {"num_cpus": 1},
+        },
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("INTERRUPTED"), proc.stdout[-2000:]
+    sweep_dir = tmp_path / "sweeps" / "cut"
+    before = {r["trial_id"]: r for r in csv_rows(sweep_dir / "sweep_results.csv")}
+    done = {k: r for k, r in before.items() if r["status"] == "completed"}
+    assert sorted(float(r["optim.lr"]) for r in done.values()) == lrs[:2]
+    (cut,) = [r for r in before.values() if float(r["optim.lr"]) == INTERRUPT_LR]
+    assert cut["status"] == "unfinished" and cut["epochs"] == "1"  # Tune got epoch 1 only
+    assert epochs_logged(Path(cut["run_dir"])) == [1, 2]  # the trial itself had logged epoch 2
+    finished_logs = {k: (Path(r["run_dir"]) / "metrics.jsonl").read_text() for k, r in done.items()}
+    from cifar_dist.tune.driver import resume_sweep
+
+    # Tune wants the same trainable back; the cut trial now has a checkpoint, so it goes on.
+    _, out = resume_sweep(sweep_dir, trial_fn=interrupting_trial)
+    assert not out.interrupted, [(r.trial_id, r.status, r.epochs, r.error) for r in out.rows]
+    rows = csv_rows(out.csv)
+    assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4  # no trial twice
+    assert sorted(float(r["optim.lr"]) for r in rows) == lrs
+    assert all(r["status"] == "completed" and r["epochs"] == "2" for r in rows)
+    for r in rows:
+        # every trial logged epochs 1 and 2 exactly once: the cut trial went on from its
+        # epoch-1 checkpoint, and its unreported epoch-2 record was dropped before the rerun
+        assert epochs_logged(Path(r["run_dir"])) == [1, 2], r
+    for trial_id, text in finished_logs.items():  # finished trials were not run again
+        assert (Path(before[trial_id]["run_dir"]) / "metrics.jsonl").read_text() == text
+
+
+def test_resume_needs_a_sweep_directory(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar_dist", "tune", "--resume", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"cifar-dist: error: {tmp_path / 'nope'}: no sweep.yaml; --resume takes a sweep directory"
+    )

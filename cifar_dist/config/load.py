@@ -148,8 +148,11 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
 ) -> Config:
-    """defaults < YAML at `path` < overrides (CLI strings or a nested/dotted dict)."""
-    tree: dict[str, Any] = read_yaml(path) if path else {}
+    """defaults < YAML at `path` (with its `base:` chain) < overrides (CLI strings or a
+    nested/dotted dict)."""
+    from cifar_dist.config.inherit import read_config_tree
+
+    tree: dict[str, Any] = read_config_tree(path) if path else {}
     if isinstance(overrides, list):
         tree = merge_trees(tree, parse_overrides(overrides))
     elif overrides:

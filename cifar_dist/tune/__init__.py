@@ -2,7 +2,9 @@
 
 config.py (typed sweep file), load.py (YAML + overrides, checked against the run config),
 space.py (Tune domains, searcher, ASHA), report.py (per-epoch reports + checkpoints),
-trainable.py (a trial = one `fit`), driver.py (the Tuner), results.py (CSV, plots, best YAML).
+trainable.py (a trial = one `fit`), driver.py (the Tuner, --resume), results.py (CSV, plots,
+best YAML), summary.py (printed lines, W&B summary run), pbt.py (PBT's checkpoint adoption),
+ended.py (which trials ended on their own: interrupted vs finished).
 Ray is imported only when a sweep runs.
 """
 

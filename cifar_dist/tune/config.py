@@ -92,6 +92,11 @@ class SearchConfig:
     """Seed of the searcher (TPE sampler / random variant generator)."""
     startup_trials: int = 5
     """bayes: random trials before TPE starts modelling (Optuna's n_startup_trials)."""
+    scheduler: Literal["fifo", "asha", "pbt"] = "fifo"
+    """fifo: every trial runs to its end; asha: early stopping (the `asha` section; the same as
+    asha.enabled); pbt: Population Based Training (the `pbt` section): at every `pbt.interval`
+    epochs the worst trials load a better trial's checkpoint and perturb its optim.lr /
+    optim.momentum / optim.weight_decay (search.algo grid or random; schedule.name=constant)."""
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 0, "search.num_samples", "must be >= 0")
@@ -125,6 +130,30 @@ class AshaConfig:
         _check(self.grace_period >= 1, "asha.grace_period", "must be >= 1")
         _check(self.reduction_factor > 1, "asha.reduction_factor", "must be > 1")
         _check(self.max_t >= 0, "asha.max_t", "must be >= 0")
+
+
+# The keys PBT may change in a running trial: optimiser hyperparameters that are set afresh on
+# the checkpoint it continues from (tune/pbt.py). Anything else is baked into the weights/state.
+PBT_KEYS = ("optim.lr", "optim.momentum", "optim.weight_decay")
+
+
+@dataclass
+class PbtConfig:
+    interval: int = 1
+    """Epochs between exploit/explore steps of a trial (Tune's perturbation_interval)."""
+    burn_in: int = 0
+    """Epochs before a trial is first exploited (Tune's burn_in_period)."""
+    quantile_fraction: float = 0.25
+    """The worst this fraction of trials copy one of the best this fraction (at most half)."""
+    resample_probability: float = 0.25
+    """Chance that an explored value is drawn afresh from `space` rather than perturbed
+    (x1.2 / x0.8 for a range, a neighbour for `values`)."""
+
+    def __post_init__(self) -> None:
+        _check(self.interval >= 1, "pbt.interval", "must be >= 1")
+        _check(self.burn_in >= 0, "pbt.burn_in", "must be >= 0")
+        _check(0 < self.quantile_fraction <= 0.5, "pbt.quantile_fraction", "must be in (0, 0.5]")
+        _check(0 <= self.resample_probability <= 1, "pbt.resample_probability", "must be in [0, 1]")
 
 
 @dataclass
@@ -192,6 +221,7 @@ class SweepConfig:
     """Searched run-config keys (`optim.lr: {low: 1e-3, high: 1, log: true}`)."""
     search: SearchConfig = field(default_factory=SearchConfig)
     asha: AshaConfig = field(default_factory=AshaConfig)
+    pbt: PbtConfig = field(default_factory=PbtConfig)
     trial: TrialConfig = field(default_factory=TrialConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -209,6 +239,28 @@ class SweepConfig:
                 _check(not spec.is_range, where, "search.algo=grid needs `values`, not a range")
         for key in self.run:
             _check(key not in RESERVED_KEYS, f"run.{key}", "is set by the sweep for each trial")
+        if self.search.scheduler == "pbt":
+            self._check_pbt()
+
+    def _check_pbt(self) -> None:
+        _check(
+            self.search.algo != "bayes",
+            "search.algo",
+            "bayes cannot be combined with search.scheduler=pbt (PBT chooses the values)",
+        )
+        _check(not self.asha.enabled, "asha.enabled", "ASHA and PBT are both schedulers: pick one")
+        _check(self.trial.workers == 1, "trial.workers", "PBT trials run in one process (1)")
+        for key in self.space:
+            _check(
+                key in PBT_KEYS,
+                f"space.{key}",
+                f"search.scheduler=pbt can change {', '.join(PBT_KEYS)} only",
+            )
+
+    @property
+    def scheduler(self) -> str:
+        """fifo | asha | pbt (asha.enabled is the older spelling of search.scheduler=asha)."""
+        return "asha" if self.asha.enabled else self.search.scheduler
 
 
 def sections() -> tuple[str, ...]:

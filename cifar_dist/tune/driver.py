@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -14,7 +17,7 @@ import yaml
 
 from cifar_dist.config.load import config_to_dict
 from cifar_dist.config.schema import Config
-from cifar_dist.tune import results, space
+from cifar_dist.tune import results, space, summary
 from cifar_dist.tune.config import SweepConfig, SweepError
 from cifar_dist.tune.trainable import TrialContext, run_distributed_trial, run_trial
 
@@ -22,6 +25,8 @@ from cifar_dist.tune.trainable import TrialContext, run_distributed_trial, run_t
 # (on a 2-CPU machine a 2-worker trial could not start otherwise). Ray refuses an empty
 # request, so it reserves this much of the `memory` resource instead.
 DRIVER_MEMORY_BYTES = 256 * 2**20
+PBT_MIN_CHECKPOINTS = 4
+EXPERIMENT = "ray"  # Tune's experiment directory inside the sweep directory
 
 TrialFn = Callable[[dict[str, Any], TrialContext], None]
 
@@ -34,6 +39,10 @@ class SweepOutcome:
     best_yaml: Path | None
     csv: Path
     plots: list[Path]
+    interrupted: bool = False
+    """Stopped by a signal before every trial ended: `cifar-dist tune --resume` continues it."""
+    wandb_dir: Path | None = None
+    """The offline/online W&B summary run's directory (None when W&B is off)."""
 
 
 def sweep_dir_for(sweep: SweepConfig, sweep_file: Path | None) -> Path:
@@ -93,44 +102,67 @@ def _start_ray(sweep: SweepConfig) -> bool:
     return True
 
 
+def reuse_actors(sweep: SweepConfig, base: Config) -> bool:
+    """Reuse a trial's process for the next trial (no torch import per trial) unless a trial may
+    run DeepSpeed in it: DeepSpeed keeps process-wide state, one run per process
+    (docs/deepspeed.md). Ray Train workers (trial.workers > 1) are fresh processes per trial."""
+    spec = sweep.space.get("parallel.engine")
+    deepspeed = base.parallel.engine == "deepspeed" or bool(spec and "deepspeed" in spec.values)
+    return not (deepspeed and sweep.trial.workers == 1)
+
+
+def checkpoints_kept(sweep: SweepConfig) -> int:
+    """PBT restores a trial from another's checkpoint some time after choosing it, while that
+    trial goes on training; with 1-2 kept it may be gone by then (Tune warns at <= 2)."""
+    keep = sweep.trial.keep_checkpoints
+    return max(keep, PBT_MIN_CHECKPOINTS) if sweep.scheduler == "pbt" else keep
+
+
+def make_trainable(sweep: SweepConfig, ctx: TrialContext, trial_fn: TrialFn | None) -> Any:
+    from ray import tune
+
+    if sweep.trial.workers > 1:
+        return tune.with_resources(
+            tune.with_parameters(trial_fn or run_distributed_trial, ctx=ctx),
+            {"memory": DRIVER_MEMORY_BYTES},
+        )
+    return tune.with_resources(
+        tune.with_parameters(trial_fn or run_trial, ctx=ctx),
+        {"cpu": sweep.trial.cpus_per_worker, "gpu": sweep.trial.gpus_per_worker},
+    )
+
+
 def build_tuner(
     sweep: SweepConfig,
     ctx: TrialContext,
-    epochs: int,
+    base: Config,
     sweep_dir: Path,
     trial_fn: TrialFn | None = None,
 ) -> Any:
     from ray import tune
 
-    if sweep.trial.workers > 1:
-        trainable = tune.with_resources(
-            tune.with_parameters(trial_fn or run_distributed_trial, ctx=ctx),
-            {"memory": DRIVER_MEMORY_BYTES},
-        )
-    else:
-        trainable = tune.with_resources(
-            tune.with_parameters(trial_fn or run_trial, ctx=ctx),
-            {"cpu": sweep.trial.cpus_per_worker, "gpu": sweep.trial.gpus_per_worker},
-        )
+    from cifar_dist.tune.ended import EndedTrials
+
     s = sweep.search
     return tune.Tuner(
-        trainable,
+        make_trainable(sweep, ctx, trial_fn),
         param_space=space.param_space(sweep),
         tune_config=tune.TuneConfig(
             metric=s.metric,
             mode=s.mode,
             search_alg=space.search_algorithm(sweep),
-            scheduler=space.scheduler(sweep, epochs),
+            scheduler=space.scheduler(sweep, base.train.epochs),
             num_samples=space.num_samples(sweep),
             # concurrency: in the search algorithm (ConcurrencyLimiter / variant generator)
             trial_dirname_creator=_trial_dirname,
-            reuse_actors=True,  # trials share a process: no torch import per trial
+            reuse_actors=reuse_actors(sweep, base),
         ),
         run_config=tune.RunConfig(
-            name="ray",
+            name=EXPERIMENT,
             storage_path=str(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=sweep.trial.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=sweep.trial.keep_checkpoints),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_kept(sweep)),
+            callbacks=[EndedTrials(sweep_dir)],
             verbose=1,
         ),
     )
@@ -143,10 +175,58 @@ def _write_inputs(sweep: SweepConfig, base_tree: dict[str, Any], sweep_dir: Path
     (sweep_dir / "base_config.yaml").write_text(yaml.safe_dump(base_tree, sort_keys=False))
 
 
+def _context(
+    sweep: SweepConfig, base: Config, base_tree: dict[str, Any], sweep_dir: Path
+) -> TrialContext:
+    return TrialContext(
+        base=base_tree,
+        trials_dir=str(sweep_dir / "trials"),
+        group=sweep.name,
+        tags=[*base.log.wandb.tags, "sweep", sweep.search.algo],
+        metric=sweep.search.metric,
+        mode=sweep.search.mode,
+        workers=sweep.trial.workers,
+        cpus_per_worker=sweep.trial.cpus_per_worker,
+        gpus_per_worker=sweep.trial.gpus_per_worker,
+        train_storage=str(sweep_dir / "ray_train"),
+        keep_checkpoints=sweep.trial.keep_checkpoints,
+        pbt=sweep.scheduler == "pbt",
+    )
+
+
+@contextmanager
+def _sigterm_stops_gracefully() -> Iterator[None]:
+    """Tune stops a sweep gracefully (final experiment snapshot, resumable) on SIGINT/SIGUSR1;
+    SIGTERM (Slurm pre-emption, `scancel`, docker stop) would kill it mid-write: forward it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGUSR1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _run_tuner(sweep: SweepConfig, make: Callable[[], Any]) -> Any:
+    # num_to_keep forces a state snapshot per checkpoint; Tune warns about that every few
+    # seconds with trials this short. The snapshots are wanted (resumable sweeps), the warning not.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    owns_ray = _start_ray(sweep)
+    try:
+        with _sigterm_stops_gracefully():
+            return make().fit()
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+
+
 def run_sweep(
     sweep: SweepConfig,
     base: Config,
-    sweep_file: Path | None = None,
+    sweep_file: Path | None,
     trial_fn: TrialFn | None = None,
 ) -> SweepOutcome:
     """Run the sweep and write its results. `trial_fn` replaces the per-trial function (same
@@ -157,39 +237,68 @@ def run_sweep(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     base_tree = prepare_base(base)
     _write_inputs(sweep, base_tree, sweep_dir)
-    trials_dir = sweep_dir / "trials"
-    ctx = TrialContext(
-        base=base_tree,
-        trials_dir=str(trials_dir),
-        group=sweep.name,
-        tags=[*base.log.wandb.tags, "sweep", sweep.search.algo],
-        metric=sweep.search.metric,
-        mode=sweep.search.mode,
-        workers=sweep.trial.workers,
-        cpus_per_worker=sweep.trial.cpus_per_worker,
-        gpus_per_worker=sweep.trial.gpus_per_worker,
-        train_storage=str(sweep_dir / "ray_train"),
-        keep_checkpoints=sweep.trial.keep_checkpoints,
-    )
-    # num_to_keep forces a state snapshot per checkpoint; Tune warns about that every few
-    # seconds with trials this short. The snapshots are wanted (resumable sweeps), the warning not.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    owns_ray = _start_ray(sweep)
-    try:
-        grid = build_tuner(sweep, ctx, base.train.epochs, sweep_dir, trial_fn).fit()
-    finally:
-        if owns_ray:
-            import ray
-
-            ray.shutdown()
+    ctx = _context(sweep, base, base_tree, sweep_dir)
+    grid = _run_tuner(sweep, lambda: build_tuner(sweep, ctx, base, sweep_dir, trial_fn))
     return write_results(grid, sweep, base, base_tree, sweep_dir)
+
+
+def resume_sweep(
+    sweep_dir: Path, trial_fn: TrialFn | None = None, overrides: list[str] | None = None
+) -> tuple[SweepConfig, SweepOutcome]:
+    """Continue an interrupted sweep from <sweep_dir>/ray (Tune's experiment state): finished
+    trials are kept, unfinished and errored ones continue from their last checkpoints, trials
+    not yet started start. The sweep and base config are the ones the sweep was started with;
+    `overrides` may change only where Ray runs (`--ray.address=...`: a requeued Slurm job's new
+    cluster)."""
+    from cifar_dist.config.load import load_config, merge_trees, parse_overrides, read_yaml
+    from cifar_dist.tune.load import _normalise, build_sweep
+
+    sweep_dir = sweep_dir.expanduser().resolve()
+    for name in ("sweep.yaml", "base_config.yaml"):
+        if not (sweep_dir / name).is_file():
+            raise SweepError(f"{sweep_dir}: no {name}; --resume takes a sweep directory")
+    over = parse_overrides(overrides or [])
+    if set(over) - {"ray"}:
+        raise SweepError(
+            f"--resume: only ray.* may change; the rest is fixed by {sweep_dir / 'sweep.yaml'}"
+        )
+    sweep = build_sweep(merge_trees(_normalise(read_yaml(sweep_dir / "sweep.yaml")), over))
+    _require_ray(sweep)
+    base_tree = read_yaml(sweep_dir / "base_config.yaml")
+    base = load_config(None, base_tree)
+    ctx = _context(sweep, base, base_tree, sweep_dir)
+
+    def restore() -> Any:
+        from ray import tune
+
+        path = str(sweep_dir / EXPERIMENT)
+        if not tune.Tuner.can_restore(path):
+            raise SweepError(f"{path}: no Ray Tune experiment state to resume from")
+        return tune.Tuner.restore(
+            path,
+            trainable=make_trainable(sweep, ctx, trial_fn),
+            resume_unfinished=True,
+            resume_errored=True,  # from their last checkpoints (restart_errored: from scratch)
+        )
+
+    grid = _run_tuner(sweep, restore)
+    return sweep, write_results(grid, sweep, base, base_tree, sweep_dir)
 
 
 def write_results(
     grid: Any, sweep: SweepConfig, base: Config, base_tree: dict[str, Any], sweep_dir: Path
 ) -> SweepOutcome:
-    # ResultGrid lists trials in creation order: the x axis of "best so far vs trial".
     rows = [results.row_from_result(r, sweep, base, sweep_dir / "trials") for r in grid]
+    from cifar_dist.tune.ended import ended_trials
+
+    # Tune returns normally after a SIGINT/SIGUSR1 stop (tune/ended.py tells the trials apart).
+    ended = ended_trials(sweep_dir)
+    for row in rows:
+        if row.trial_id not in ended:
+            row.status = "unfinished"
+    interrupted = len(rows) < space.num_trials(sweep) or any(r.status == "unfinished" for r in rows)
+    # Trial ids end in a creation counter (<experiment>_00003): the x axis of "best so far".
+    rows.sort(key=lambda r: r.trial_id)
     csv_path = sweep_dir / "sweep_results.csv"
     results.write_csv(rows, sweep, csv_path)
     plots = results.plot_all(rows, sweep, sweep_dir)
@@ -198,38 +307,6 @@ def write_results(
     if best is not None:
         best_yaml = sweep_dir / "best_config.yaml"
         results.write_best_yaml(results.best_config(base_tree, best), best, sweep, best_yaml)
-    return SweepOutcome(sweep_dir, rows, best, best_yaml, csv_path, plots)
-
-
-def _shown(path: Path) -> str:
-    """Relative to the current directory when inside it: shorter lines, copy-pasteable."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def describe(outcome: SweepOutcome, sweep: SweepConfig) -> str:
-    """The lines `cifar-dist tune` prints at the end."""
-    metric = sweep.search.metric
-    lines = [f"sweep {outcome.sweep_dir.name}: {len(outcome.rows)} trials"]
-    for r in outcome.rows:
-        vals = " ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.params.items()
-        )
-        note = f"  ({r.error})" if r.error else ""
-        lines.append(
-            f"  {r.trial_id} {r.status:9s} {metric}={r.value:.4g} epochs={r.epochs} {vals}{note}"
-        )
-    lines.append(f"results: {_shown(outcome.csv)}")
-    if outcome.best is not None and outcome.best_yaml is not None:
-        lines.append(f"best: {outcome.best.trial_id} {metric}={outcome.best.value:.4g}")
-        best = _shown(outcome.best_yaml)
-        lines.append(f"best config: {best} (cifar-dist train -c {best})")
-    offline = [p for r in outcome.rows for p in Path(r.run_dir).glob("wandb/offline-run-*")]
-    if offline:
-        lines.append(
-            f"wandb: {len(offline)} offline runs (group {outcome.sweep_dir.name}); upload with: "
-            f"wandb sync {_shown(outcome.sweep_dir)}/trials/*/wandb/offline-run-*"
-        )
-    return "\n".join(lines)
+    outcome = SweepOutcome(sweep_dir, rows, best, best_yaml, csv_path, plots, interrupted)
+    outcome.wandb_dir = summary.log_summary_run(outcome, sweep, base)
+    return outcome

@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from cifar_dist.config.inherit import resolve_relative
 from cifar_dist.config.load import (
     _build,  # the run config's strict dataclass builder: same types, same messages
     _coerce,
@@ -99,13 +100,7 @@ def build_sweep(tree: dict[str, Any]) -> SweepConfig:
 
 def resolve_base(base: str, sweep_file: Path | None) -> Path | None:
     """`base` relative to the sweep file's directory (like an include), else to the cwd."""
-    if not base:
-        return None
-    p = Path(base).expanduser()
-    if p.is_absolute() or sweep_file is None:
-        return p
-    beside = sweep_file.parent / p
-    return beside if beside.is_file() else p
+    return resolve_relative(base, sweep_file) if base else None
 
 
 def check_against_run_config(sweep: SweepConfig, base_path: Path | None) -> Config:
@@ -123,6 +118,8 @@ def check_against_run_config(sweep: SweepConfig, base_path: Path | None) -> Conf
                 load_config(base_path, {**sweep.run, key: value})
             except ConfigError as e:
                 raise ConfigError(f"space.{key}: {value!r} is refused ({e})") from None
+    if sweep.scheduler == "pbt":
+        _check_pbt_base(sweep, base)
     if base.train.device == "cuda" and sweep.trial.gpus_per_worker == 0:
         raise ConfigError("trial.gpus_per_worker: 0, but the run config asks for train.device=cuda")
     if sweep.search.metric.startswith("val_"):
@@ -133,6 +130,21 @@ def check_against_run_config(sweep: SweepConfig, base_path: Path | None) -> Conf
                 f"train.eval_every: must be 1 when search.metric is {sweep.search.metric}"
             )
     return base
+
+
+def _check_pbt_base(sweep: SweepConfig, base: Config) -> None:
+    """PBT changes optim.lr between epochs itself, on top of the trial's LR schedule: only a
+    constant schedule (after a warmup that ends before the first exploit) leaves it in charge."""
+    if base.schedule.name != "constant":
+        raise ConfigError(
+            f"schedule.name: {base.schedule.name}; search.scheduler=pbt needs constant "
+            "(PBT itself changes optim.lr between epochs)"
+        )
+    first = max(sweep.pbt.interval, sweep.pbt.burn_in)
+    if base.schedule.warmup_epochs > first:
+        raise ConfigError(
+            f"schedule.warmup_epochs: must end before PBT's first exploit (epoch {first})"
+        )
 
 
 def load_sweep(

@@ -13,6 +13,7 @@ import yaml
 from cifar_dist.config.load import config_to_dict, load_config
 from cifar_dist.config.schema import Config
 from cifar_dist.tune.config import SweepConfig
+from cifar_dist.tune.pbt import adoptions
 
 EXTRA_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
@@ -21,7 +22,8 @@ EXTRA_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 class TrialRow:
     trial_id: str
     status: str
-    """completed | stopped (early: ASHA or train.early_stopping) | diverged | error."""
+    """completed | stopped (early: ASHA or train.early_stopping) | diverged | error |
+    unfinished (the sweep was interrupted; `cifar-dist tune --resume` continues it)."""
     params: dict[str, Any]
     value: float
     """The search metric's last reported value (nan when none)."""
@@ -32,6 +34,8 @@ class TrialRow:
     time_s: float = 0.0
     error: str = ""
     run_dir: str = ""
+    donors: list[str] = field(default_factory=list)
+    """PBT: the trials whose checkpoints this one continued from, in order."""
 
 
 def _finite(x: Any) -> bool:
@@ -42,7 +46,9 @@ def row_from_result(result: Any, sweep: SweepConfig, base: Config, trials_dir: P
     """One Ray Tune `Result` -> TrialRow (Tune names trial directories by trial id)."""
     metric, mode = sweep.search.metric, sweep.search.mode
     last = dict(result.metrics or {})
-    trial_id = str(last.get("trial_id") or Path(result.path).name)
+    # The trial directory, not the last result: a PBT trial restored from another trial's
+    # checkpoint can carry that trial's last result (id and config) until it reports again.
+    trial_id = Path(result.path).name if result.path else str(last.get("trial_id"))
     params = {k: (result.config or {}).get(k) for k in sweep.space}
     history = result.metrics_dataframe
     values: list[float] = []
@@ -69,6 +75,7 @@ def row_from_result(result: Any, sweep: SweepConfig, base: Config, trials_dir: P
         time_s=float(last.get("time_total_s", 0.0) or 0.0),
         error=error,
         run_dir=str(trials_dir / trial_id),
+        donors=[a["donor"] for a in adoptions(trials_dir / trial_id)],
     )
 
 
@@ -89,6 +96,8 @@ def write_csv(rows: list[TrialRow], sweep: SweepConfig, path: Path) -> None:
     extras = [k for k in EXTRA_METRICS if k != metric]
     header = ["trial_id", "status", *sweep.space, metric, f"best_{metric}", "epochs", *extras]
     header += ["time_s", "run_dir", "error"]
+    pbt = sweep.scheduler == "pbt"
+    header += ["pbt_donors"] if pbt else []
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -97,6 +106,7 @@ def write_csv(rows: list[TrialRow], sweep: SweepConfig, path: Path) -> None:
                 [r.trial_id, r.status, *(r.params.get(k) for k in sweep.space), r.value, r.best]
                 + [r.epochs, *(r.metrics.get(k, "") for k in extras)]
                 + [round(r.time_s, 2), r.run_dir, r.error]
+                + ([" ".join(r.donors)] if pbt else [])
             )
 
 

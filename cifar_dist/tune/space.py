@@ -47,9 +47,22 @@ def num_samples(sweep: SweepConfig) -> int:
     return max(sweep.search.num_samples, 1)
 
 
+def num_trials(sweep: SweepConfig) -> int:
+    """Trials the sweep creates in all: a resumed or interrupted sweep is complete at this."""
+    if sweep.search.algo != "grid":
+        return num_samples(sweep)
+    points = 1
+    for spec in sweep.space.values():
+        points *= len(spec.values)
+    return points * num_samples(sweep)
+
+
 def scheduler(sweep: SweepConfig, epochs: int) -> Any:
-    """ASHA on the per-epoch reports (time axis = the `epoch` the trainer logs), or None (FIFO)."""
-    if not sweep.asha.enabled:
+    """ASHA or PBT on the per-epoch reports (time axis = the `epoch` the trainer logs), or None
+    (FIFO)."""
+    if sweep.scheduler == "pbt":
+        return pbt_scheduler(sweep, epochs)
+    if sweep.scheduler != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
@@ -59,4 +72,36 @@ def scheduler(sweep: SweepConfig, epochs: int) -> Any:
         max_t=max_t,
         grace_period=min(sweep.asha.grace_period, max_t),
         reduction_factor=sweep.asha.reduction_factor,
+    )
+
+
+def pbt_scheduler(sweep: SweepConfig, epochs: int) -> Any:
+    """Tune's PopulationBasedTraining; a trial it exploits restarts from the better trial's
+    checkpoint with perturbed values, which tune/pbt.py writes into that checkpoint."""
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    class FinalEpochPBT(PopulationBasedTraining):
+        """Tune's PBT would also exploit at (or from) the last epoch: the trial would restart
+        from a finished checkpoint, train nothing and end as a copy of the other trial."""
+
+        def _exploit(self, tune_controller: Any, trial: Any, trial_to_clone: Any) -> None:
+            states = [self._trial_state[t] for t in (trial, trial_to_clone)]
+            times = [s.last_train_time for s in states]
+            times += [(s.last_result or {}).get("epoch", 0) for s in states]
+            if max(times) >= epochs:
+                return
+            super()._exploit(tune_controller, trial, trial_to_clone)
+
+    p = sweep.pbt
+    return FinalEpochPBT(
+        time_attr="epoch",
+        perturbation_interval=p.interval,
+        burn_in_period=p.burn_in,
+        quantile_fraction=p.quantile_fraction,
+        resample_probability=p.resample_probability,
+        # a list mutates to a neighbouring value; a Domain is resampled or scaled x1.2 / x0.8
+        hyperparam_mutations={
+            key: list(spec.values) if spec.values else _domain(spec, grid=False)
+            for key, spec in sweep.space.items()
+        },
     )

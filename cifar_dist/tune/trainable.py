@@ -42,6 +42,8 @@ class TrialContext:
     train_storage: str = ""
     """Ray Train storage path of distributed trials."""
     keep_checkpoints: int = 1
+    pbt: bool = False
+    """search.scheduler=pbt: a restored checkpoint may be another trial's, with new values."""
 
 
 def trial_config(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, resume: str) -> Config:
@@ -72,6 +74,36 @@ def restored(checkpoint: Any) -> Iterator[str]:
         yield str(path) if path.is_file() else ""
 
 
+def drop_records_after_checkpoint(ckpt_path: str, trial_id: str, run_dir: Path) -> None:
+    """A trial restored from its own checkpoint (retry, --resume, PBT pause) trains again from
+    that step; records the run logged after it (an epoch whose report Tune never received
+    before the stop) would be logged twice, so they are dropped from metrics.jsonl/steps.jsonl.
+    A checkpoint from another trial (PBT) branches the history instead: nothing is dropped, nor
+    after such a branch (steps then count from the donor's start, not in file order)."""
+    import json
+
+    import torch
+
+    from cifar_dist.tune.pbt import LOG_NAME
+
+    if (run_dir / LOG_NAME).is_file():
+        return
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    if ckpt.get("config", {}).get("log", {}).get("name") != trial_id:
+        return
+    step = int(ckpt["train_state"]["step"])
+    for name in ("metrics.jsonl", "steps.jsonl"):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
+
+
 def fit_and_report(cfg: Config, sink: ReportSink, ctx: TrialContext) -> None:
     try:
         fit(cfg, sinks=[sink])
@@ -88,6 +120,13 @@ def run_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     sink = ReportSink(tune.report, tune.Checkpoint)
     with restored(tune.get_checkpoint()) as resume:
+        if resume:
+            drop_records_after_checkpoint(resume, trial_id, Path(ctx.trials_dir) / trial_id)
+        if resume and ctx.pbt:
+            from cifar_dist.tune.pbt import adopt
+
+            cfg = trial_config(ctx, config, trial_id, "")
+            resume = adopt(resume, cfg, trial_id, Path(ctx.trials_dir) / trial_id)
         fit_and_report(trial_config(ctx, config, trial_id, resume), sink, ctx)
 
 
@@ -98,7 +137,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     ctx: TrialContext = loop_config["ctx"]
     sink = ReportSink(ray.train.report, ray.train.Checkpoint)
     with restored(ray.train.get_checkpoint()) as resume:
-        cfg = trial_config(ctx, loop_config["sampled"], loop_config["trial_id"], resume)
+        trial_id = loop_config["trial_id"]
+        if resume and ray.train.get_context().get_world_rank() == 0:  # rank 0 writes the logs
+            drop_records_after_checkpoint(resume, trial_id, Path(ctx.trials_dir) / trial_id)
+        cfg = trial_config(ctx, loop_config["sampled"], trial_id, resume)
         fit_and_report(cfg, sink, ctx)
 
 
