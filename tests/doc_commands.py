@@ -163,6 +163,25 @@ CLASSIFIED: dict[str, Run | Check | Skip] = {
     "cifar-dist tune -c configs/tune/lr_bs_bayes.yaml --trial.workers=2": Check(
         "Ray Train trials of 2 DDP workers; tests/test_tune.py runs one"
     ),
+    # the CLI additions (issue 16)
+    "cifar-dist train --help": Run(),
+    "cifar-dist tune --help": Run(),
+    "cifar-dist train -c configs/ds_zero3.yaml --print-config": Run(),
+    "$ cifar-dist train -c configs/ds_zero3.yaml --optim.lr=0.2 --print-config": Skip(
+        "a transcript with its output; the same command without the override runs (README.md)"
+    ),
+    "cifar-dist tune -c configs/tune/lr_asha.yaml --print-config": Run(),
+    "cifar-dist tune -c configs/tune/debug_pbt.yaml": Check(SMOKE),
+    "cifar-dist predict --checkpoint runs/r1/checkpoints/last.pt cat.png dog.jpg": Skip(
+        "the user's own image files; tests/test_cli_config.py runs predict on generated PNGs"
+    ),
+    "$ cifar-dist predict --checkpoint runs/demo/checkpoints/last.pt train/cat/0000.jpg train/ship/0001.jpg notes.txt": Skip(
+        "a transcript on the user's files; tests/test_cli_config.py runs predict on generated PNGs"
+    ),
+    "cifar-dist tune --resume runs/tune/debug_grid": Skip(
+        "needs an interrupted sweep; tests/test_tune.py interrupts one with SIGTERM and resumes it"
+    ),
+    "cifar-dist tune --resume runs/tune/<name>": Skip("a placeholder path; see the line above"),
 }
 
 
