@@ -7,7 +7,6 @@ import copy
 import os
 import socket
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,12 +19,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from cifar_dist.config.schema import ConfigError
 from cifar_dist.models import create_model
 from cifar_dist.parallel.tensor import check_tp
+from cifar_dist.train.checkpoint import load_checkpoint
 from tests.parallel_helpers import (
     CNN,
     Runs,
-    assert_same_run,
+    overrides,
     runs_fixture,  # noqa: F401  (the `runs` fixture)
 )
+from tests.test_distributed import cli_args, run_torchrun
 
 TP = 2
 STEPS = 3
@@ -160,3 +161,26 @@ def test_groupnorm_straddling_shards_is_one_line_error() -> None:
         check_tp(create_model("airbench_net", norm="group", groups=1), TP)
     assert "\n" not in str(e.value)
     check_tp(create_model("seed_cnn"), 4)
+
+
+@pytest.mark.distributed
+def test_dp2_tp2_cnn_resumes_to_single_process_weights(runs: Runs) -> None:
+    """The training path on a 2x2 (dp, tp) mesh (FSDP2 over dp, channel-split convs over tp):
+    5 steps, stop, resume from the full-state checkpoint for 5 more: the single process's
+    weights after 10 steps. Not channels_last: FSDP2 refuses non-contiguous parameters."""
+    clip = {"train.clip_norm": CNN["train.clip_norm"]}
+    single = runs.single("airbench_net", **clip)
+    extra = {**clip, "parallel.tp": 2, "parallel.dp": 2}
+    runs.torchrun(4, "dp2tp2_cnn", "airbench_net", **extra, **{"train.max_steps": 5})
+    over = overrides(
+        runs.data, runs.root, "dp2tp2_cnn", "airbench_net", **extra, **{"train.resume": "auto"}
+    )
+    proc = run_torchrun(4, "train", *cli_args(over), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed at epoch 1, step 5" in proc.stdout + proc.stderr
+    wa = load_checkpoint(single / "checkpoints/last.pt")["model"]
+    wb = load_checkpoint(runs.root / "dp2tp2_cnn/checkpoints/last.pt")["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if wa[k].is_floating_point():
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-8, rtol=0, msg=k)
