@@ -168,8 +168,9 @@ def comm_mib(model_name: str, variant: str, batch: int) -> float:
             # 2 all-reduces forward + 2 backward per block (or the same bytes as reduce-scatter
             # + all-gather pairs under sequence parallel)
             total += len(model.blocks) * 4 * 2 * ring(dims.tp) * per_rank_batch * tokens * dim * b
-        else:  # CNN: one all-reduce forward (row) + one backward (column) per split pair
-            total += cnn_tp_elements(model) * 2 * ring(dims.tp) * per_rank_batch * b
+        else:  # CNN: one all-reduce forward (row) + one backward (column) per split pair,
+            # each sending 2 (tp-1)/tp of the activation (reduce-scatter + all-gather phases)
+            total += cnn_tp_elements(model) * 2 * 2 * ring(dims.tp) * per_rank_batch * b
         if dims.dp > 1:  # FSDP over dp of this rank's 1/tp of the weights (approx.)
             total += 3 * ring(dims.dp) * params / dims.tp * b
     elif dims.dp > 1:
