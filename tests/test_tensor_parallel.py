@@ -86,5 +86,7 @@ def test_tp_plan_checks_name_the_problem() -> None:
     with pytest.raises(ConfigError, match="^parallel.tp: 4 does not divide the ViT's 6"):
         check_tp(create_model("vit_small"), 4)
     check_tp(create_model("seed_cnn"), 4)
-    with pytest.raises(ConfigError, match="^parallel.tp: 3 does not divide the 64 channels of blocks.0.conv1$"):
+    with pytest.raises(
+        ConfigError, match="^parallel.tp: 3 does not divide the 64 channels of blocks.0.conv1$"
+    ):
         check_tp(create_model("resnet18"), 3)
