@@ -29,6 +29,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from cifar_dist.config.schema import ConfigError
+
 
 class _CopyToTP(torch.autograd.Function):
     """f: identity forward; backward sums the input gradients of the tp ranks."""
@@ -127,6 +129,12 @@ class SplitNorm(ParallelStyle):
     """BatchNorm2d / GroupNorm on a channel shard: per-channel statistics stay local."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if isinstance(module, nn.SyncBatchNorm):
+            # Its statistics would have to be reduced over dp for this rank's channels only.
+            raise ConfigError(
+                "model.norm: sync_batch is not supported with a CNN's parallel.tp > 1 and dp > 1 "
+                "(use batch or group)"
+            )
         tp = device_mesh.size()
         names = ["weight", "bias"]
         if isinstance(module, nn.BatchNorm2d):
