@@ -3,6 +3,7 @@ memory per rank, and the communication volume per step each layout implies.
 
     .venv/bin/python benchmarks/parallel_variants.py                  # vit_small, 2 and 4 ranks, CPU
     .venv/bin/python benchmarks/parallel_variants.py --model vit_nano --steps 3 --warmup 1  # smoke
+    .venv/bin/python benchmarks/parallel_variants.py --cnn    # CNN channel-split TP, resnet18 PP
 
 Each variant is one `torchrun --standalone` job on synthetic data running `fit()` for
 --warmup + --steps optimiser steps; this script re-launches itself as the worker. Measured:
@@ -48,6 +49,12 @@ VARIANTS: dict[str, tuple[int, dict[str, object]]] = {
     "dp2xtp2": (4, {"parallel.tp": 2}),
 }
 
+# --cnn: channel-split tensor parallel against one process and DDP for airbench_net and
+# resnet18, and the pipeline layouts of resnet18.
+CNN_ROWS = [
+    (m, v) for m in ("airbench_net", "resnet18") for v in ("single", "ddp2", "tp2", "dp2xtp2")
+] + [("resnet18", "pp2-1f1b"), ("resnet18", "pp4-1f1b")]
+
 
 def overrides(args: argparse.Namespace, variant: str, data: Path, runs: Path) -> list[str]:
     ranks, par = VARIANTS[variant]
@@ -71,7 +78,7 @@ def overrides(args: argparse.Namespace, variant: str, data: Path, runs: Path) ->
         "log.wandb.mode": "disabled",
         "log.every_steps": 1000,
         "log.dir": runs,
-        "log.name": variant,
+        "log.name": f"{args.model}-{variant}",
         "parallel.microbatches": args.microbatches,
         **par,
     }
@@ -161,16 +168,37 @@ def comm_mib(model_name: str, variant: str, batch: int) -> float:
             # 2 all-reduces forward + 2 backward per block (or the same bytes as reduce-scatter
             # + all-gather pairs under sequence parallel)
             total += len(model.blocks) * 4 * 2 * ring(dims.tp) * per_rank_batch * tokens * dim * b
-        else:  # row-wise classifier: logits all-reduce, input-gradient all-gather
-            fc = model.pipeline_layers()[-1]
-            lin = [m for m in fc.modules() if isinstance(m, torch.nn.Linear)][-1]
-            total += (2 * lin.out_features + lin.in_features) * ring(dims.tp) * per_rank_batch * b
+        else:  # CNN: one all-reduce forward (row) + one backward (column) per split pair,
+            # each sending 2 (tp-1)/tp of the activation (reduce-scatter + all-gather phases)
+            total += cnn_tp_elements(model) * 2 * 2 * ring(dims.tp) * per_rank_batch * b
         if dims.dp > 1:  # FSDP over dp of this rank's 1/tp of the weights (approx.)
             total += 3 * ring(dims.dp) * params / dims.tp * b
     elif dims.dp > 1:
         passes = 3 if dims.dp_mode == "fsdp" else 2  # all-gather x2 + reduce-scatter vs all-reduce
         total += passes * ring(dims.dp) * params * b
     return total / 2**20
+
+
+def cnn_tp_elements(model: object) -> int:
+    """Per-sample elements all-reduced by a CNN's tensor-parallel plan in one direction: the
+    output of every row-parallel layer (forward) and, as many, the input gradients of the
+    column-parallel layers (backward; the same activations: whole tensors between pairs)."""
+    import torch
+
+    sizes: dict[str, int] = {}
+    plan = model.tensor_parallel_plan()  # type: ignore[attr-defined]
+    hooks = [
+        model.get_submodule(fqn).register_forward_hook(  # type: ignore[attr-defined]
+            lambda _m, _i, out, fqn=fqn: sizes.__setitem__(fqn, out[0].numel())
+        )
+        for fqn, style in plan.items()
+        if style.startswith("rowwise")
+    ]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 32, 32))  # type: ignore[operator]
+    for h in hooks:
+        h.remove()
+    return sum(sizes.values())
 
 
 # ----- driver ----------------------------------------------------------------------------------
@@ -198,6 +226,7 @@ def run_variant(args: argparse.Namespace, variant: str, data: Path, runs: Path) 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="vit_small")
+    ap.add_argument("--cnn", action="store_true", help="run CNN_ROWS instead (--model ignored)")
     ap.add_argument(
         "--batch", type=int, default=64, help="global batch, the same for every variant"
     )
@@ -217,13 +246,16 @@ def main() -> int:
         write_synthetic(
             data, "cifar10", n_train=100 + args.batch * (args.warmup + args.steps + 1), n_test=100
         )
-        for v in args.variants:
+        todo = CNN_ROWS if args.cnn else [(args.model, v) for v in args.variants]
+        for model, v in todo:
             ranks = VARIANTS[v][0]
             if ranks != 1 and ranks not in args.ranks:
                 continue
+            args.model = model
             per_rank = run_variant(args, v, data, Path(tmp) / "runs")
             rows.append(
                 {
+                    "model": model,
                     "variant": v,
                     "ranks": ranks,
                     "step_ms": 1000 * max(r["step_s"] for r in per_rank),
@@ -233,16 +265,14 @@ def main() -> int:
                 }
             )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    print(f"\nglobal batch {args.batch}, {args.microbatches} micro-batches, {args.device}\n")
     print(
-        f"\n{args.model}, global batch {args.batch}, {args.microbatches} micro-batches, {args.device}\n"
+        "| model | variant | ranks | step (ms) | peak RSS / rank (MiB) | peak - start (MiB) | comm / rank / step (MiB) |"
     )
-    print(
-        "| variant | ranks | step (ms) | peak RSS / rank (MiB) | peak - start (MiB) | comm / rank / step (MiB) |"
-    )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['variant']} | {r['ranks']} | {r['step_ms']:.1f} | {r['peak_mib']:.0f} | "
+            f"| {r['model']} | {r['variant']} | {r['ranks']} | {r['step_ms']:.1f} | {r['peak_mib']:.0f} | "
             f"{r['delta_mib']:.0f} | {r['comm_mib']:.2f} |"
         )
     if args.json:

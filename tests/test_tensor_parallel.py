@@ -39,7 +39,7 @@ def test_dp2_tp2_vit_matches_single_process(runs: Runs) -> None:
 
 
 def test_tp2_cnn_classifier_matches_single_process(runs: Runs) -> None:
-    """The CNN plan (row-wise parallel classifier, replicated convolutions)."""
+    """The CNN plan (channel-split conv pairs, row-wise parallel classifier)."""
     single = runs.single("airbench_net", **CNN)  # shared with the pipeline tests
     assert_same_run(
         single, runs.torchrun(2, "tp2_cnn", "airbench_net", **CNN, **{"parallel.tp": 2})
@@ -86,5 +86,7 @@ def test_tp_plan_checks_name_the_problem() -> None:
     with pytest.raises(ConfigError, match="^parallel.tp: 4 does not divide the ViT's 6"):
         check_tp(create_model("vit_small"), 4)
     check_tp(create_model("seed_cnn"), 4)
-    with pytest.raises(ConfigError, match="^parallel.tp: 3 does not divide the 512 features"):
+    with pytest.raises(
+        ConfigError, match="^parallel.tp: 3 does not divide the 64 channels of blocks.0.conv1$"
+    ):
         check_tp(create_model("resnet18"), 3)

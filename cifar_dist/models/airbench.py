@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .norm import make_norm2d
-from .registry import PipelineModel, register_model
+from .registry import PipelineModel, TensorParallelPlan, register_model
 
 WIDTHS = (64, 256, 256)
 WIDE_WIDTHS = (128, 384, 384)  # airbench95: ~2.5x the compute per image, +1 point at 15 epochs
@@ -68,6 +68,16 @@ class AirbenchNet(PipelineModel):
 
     def pipeline_layers(self) -> list[nn.Module]:
         return [self.stem, *self.blocks, self.head]
+
+    def tensor_parallel_plan(self) -> TensorParallelPlan:
+        """Each group's conv pair splits column/row (the norm between is local); the stem
+        (24 channels) and the group's output norm stay whole; the head splits its features."""
+        plan: TensorParallelPlan = {}
+        for i in range(len(self.blocks)):
+            p = f"blocks.{i}."
+            plan.update({p + "0": "colwise", p + "2": "split_norm", p + "4": "rowwise"})
+        plan["head.fc"] = "rowwise_whole"
+        return plan
 
 
 @register_model("airbench_net")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .norm import make_norm2d
-from .registry import PipelineModel, register_model
+from .registry import PipelineModel, TensorParallelPlan, register_model
 
 WIDTHS = (64, 128, 256, 512)
 
@@ -65,6 +65,16 @@ class SeedCNN(PipelineModel):
 
     def pipeline_layers(self) -> list[nn.Module]:
         return [*self.blocks, self.classifier]
+
+    def tensor_parallel_plan(self) -> TensorParallelPlan:
+        """Each block's conv pair column/row with the norm between local (the block's output
+        norm, pool and dropout see whole tensors); the MLP head's first two linears column/row."""
+        plan: TensorParallelPlan = {}
+        for i in range(len(self.blocks)):
+            p = f"blocks.{i}."
+            plan.update({p + "0": "colwise", p + "1": "split_norm", p + "3": "rowwise"})
+        plan.update({"classifier.net.1": "colwise", "classifier.net.4": "rowwise"})
+        return plan
 
 
 @register_model("seed_cnn")

@@ -47,6 +47,17 @@ def create_model(name: str, num_classes: int = 10, **kwargs: object) -> nn.Modul
     return _REGISTRY[name](num_classes=num_classes, **kwargs)
 
 
+# Tensor-parallel styles a model's `tensor_parallel_plan()` may name (applied by
+# cifar_dist/parallel/tensor.py, which never names a model class):
+#   colwise        conv/linear: output channels split; its input must be whole
+#   rowwise        conv/linear: input channels split (follows a colwise layer); partial sums
+#                  all-reduced, so the output is whole
+#   rowwise_whole  linear: input features split from a whole (replicated) input
+#   split_norm     BatchNorm2d/GroupNorm between a colwise and a rowwise layer (local stats)
+TP_STYLES = ("colwise", "rowwise", "rowwise_whole", "split_norm")
+TensorParallelPlan = dict[str, str]
+
+
 class PipelineModel(nn.Module):
     """A classifier whose forward IS the sequential composition of `pipeline_layers()`.
 

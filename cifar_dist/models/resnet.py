@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .norm import make_norm2d
-from .registry import PipelineModel, register_model
+from .registry import PipelineModel, TensorParallelPlan, register_model
 
 STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))  # (width, stride of the stage's first block)
 BLOCKS_PER_STAGE = 2
@@ -101,6 +101,7 @@ class ResNet(PipelineModel):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.preact = preact
         # CIFAR stem: one 3x3 conv and no max-pool, so the first stage runs at 32x32.
         stem: list[nn.Module] = [conv3x3(3, 64)]
         if not preact:  # pre-activation blocks normalise their own input
@@ -123,6 +124,18 @@ class ResNet(PipelineModel):
 
     def pipeline_layers(self) -> list[nn.Module]:
         return [self.stem, *self.blocks, self.head]
+
+    def tensor_parallel_plan(self) -> TensorParallelPlan:
+        """conv1 column / conv2 row in every block, with the norm between them local
+        (norm2 for pre-activation blocks, norm1 for post-activation ones); the stem, the
+        shortcuts, SE and the residual adds see whole tensors; the head splits its features."""
+        between = "norm2" if self.preact else "norm1"
+        plan: TensorParallelPlan = {}
+        for i in range(len(self.blocks)):
+            p = f"blocks.{i}."
+            plan.update({p + "conv1": "colwise", p + between: "split_norm", p + "conv2": "rowwise"})
+        plan["head.fc"] = "rowwise_whole"
+        return plan
 
 
 @register_model("resnet18")

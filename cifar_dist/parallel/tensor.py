@@ -7,11 +7,11 @@ parallel (their partial outputs are summed by one all-reduce each). With
 along the token dimension instead of replicated: each all-reduce becomes a reduce-scatter
 after proj/fc2 plus an all-gather before attn/mlp (the same bytes, activation memory / tp).
 
-CNNs: PyTorch's parallel styles shard nn.Linear/nn.Embedding only (DTensor's convolution
-supports batch sharding alone), so the CNNs shard their classifier: the final linear is
-row-wise parallel (input features split, one all-reduce of the logits), and seed_cnn's
-three-layer MLP head is a column-wise/row-wise pair. The convolutions stay replicated;
-docs/parallelism.md explains why a channel split of the ResNet blocks is not worth it here.
+CNNs: each model declares its plan as data (`model.tensor_parallel_plan()`, submodule name ->
+style, see cifar_dist/models/registry.py): consecutive conv pairs split column-wise (output
+channels) then row-wise (input channels, one all-reduce of the partial sums), the norm between
+them local on its channel shard (channel_tp.py), everything else replicated; linears use
+torch's ColwiseParallel/RowwiseParallel. docs/parallelism.md draws the layout.
 """
 
 from __future__ import annotations
@@ -30,18 +30,38 @@ from torch.distributed.tensor.parallel import (
 )
 
 from cifar_dist.config.schema import ConfigError
+from cifar_dist.models.registry import TP_STYLES
 from cifar_dist.models.vit import VisionTransformer
+from cifar_dist.parallel.channel_tp import ConvColwiseParallel, ConvRowwiseParallel, SplitNorm
 
 
-def _cnn_head_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The classifier linears a CNN's TP plan shards (the last one row-wise)."""
-    name = type(model).__name__
-    if name == "SeedCNN":
-        net = model.classifier.net  # type: ignore[union-attr]
-        return [("classifier.net.1", net[1]), ("classifier.net.4", net[4])]
-    if name in ("ResNet", "AirbenchNet"):
-        return [("head.fc", model.head.fc)]  # type: ignore[union-attr]
-    return []
+def _plan_of(model: nn.Module) -> dict[str, str]:
+    plan_fn = getattr(model, "tensor_parallel_plan", None)
+    if plan_fn is None:
+        raise ConfigError(f"parallel.tp: no tensor-parallel plan for {type(model).__name__}")
+    return plan_fn()
+
+
+def _check_module(fqn: str, module: nn.Module, style: str, tp: int) -> None:
+    """One ConfigError naming the config key when `module` cannot be split `tp` ways."""
+    if isinstance(module, nn.GroupNorm):
+        if module.num_groups % tp:
+            raise ConfigError(
+                f"model.groups: GroupNorm {fqn} has {module.num_groups} groups of "
+                f"{module.num_channels} channels; parallel.tp={tp} would split a group across "
+                "ranks (use a group count divisible by tp)"
+            )
+        return
+    if isinstance(module, nn.Conv2d):
+        width = module.out_channels if style == "colwise" else module.in_channels
+        what = "channels"
+    elif isinstance(module, nn.Linear):
+        width = module.out_features if style == "colwise" else module.in_features
+        what = "features"
+    else:
+        width, what = getattr(module, "num_features", tp), "channels"
+    if width % tp:
+        raise ConfigError(f"parallel.tp: {tp} does not divide the {width} {what} of {fqn}")
 
 
 def check_tp(model: nn.Module, tp: int) -> None:
@@ -53,14 +73,10 @@ def check_tp(model: nn.Module, tp: int) -> None:
                 f"parallel.tp: {tp} does not divide the ViT's {heads} attention heads"
             )
         return
-    linears = _cnn_head_linears(model)
-    if not linears:
-        raise ConfigError(f"parallel.tp: no tensor-parallel plan for {type(model).__name__}")
-    for fqn, lin in linears:
-        # Column-wise layers split output features, row-wise (the last) input features.
-        width = lin.in_features if fqn == linears[-1][0] else lin.out_features
-        if width % tp:
-            raise ConfigError(f"parallel.tp: {tp} does not divide the {width} features of {fqn}")
+    for fqn, style in _plan_of(model).items():
+        if style not in TP_STYLES:
+            raise ConfigError(f"parallel.tp: unknown style {style!r} for {fqn} in the model's plan")
+        _check_module(fqn, model.get_submodule(fqn), style, tp)
 
 
 def vit_plan(model: VisionTransformer, sequence_parallel: bool) -> dict[str, ParallelStyle]:
@@ -106,12 +122,18 @@ def vit_plan(model: VisionTransformer, sequence_parallel: bool) -> dict[str, Par
 
 
 def cnn_plan(model: nn.Module) -> dict[str, ParallelStyle]:
-    linears = _cnn_head_linears(model)
-    plan: dict[str, ParallelStyle] = {fqn: ColwiseParallel() for fqn, _ in linears[:-1]}
-    # The last linear's input is replicated (pooled features) unless a column-wise layer
-    # precedes it; its output (the logits) is all-reduced to every rank.
-    first = len(linears) == 1
-    plan[linears[-1][0]] = RowwiseParallel(input_layouts=Replicate() if first else Shard(-1))
+    """The model's declared plan, with each style name made a ParallelStyle for its module."""
+    plan: dict[str, ParallelStyle] = {}
+    for fqn, style in _plan_of(model).items():
+        conv = isinstance(model.get_submodule(fqn), nn.Conv2d)
+        if style == "colwise":
+            plan[fqn] = ConvColwiseParallel() if conv else ColwiseParallel()
+        elif style == "rowwise":
+            plan[fqn] = ConvRowwiseParallel() if conv else RowwiseParallel(input_layouts=Shard(-1))
+        elif style == "rowwise_whole":
+            plan[fqn] = RowwiseParallel(input_layouts=Replicate())
+        else:
+            plan[fqn] = SplitNorm()
     return plan
 
 
