@@ -95,6 +95,9 @@ CLASSIFIED: dict[str, Run | Check | Skip] = {
         "--finetune-epochs=0 --calib-batches=1 --latency-iters=2 --eval-batches=1"
     ),
     # docs/benchmarks.md
+    ".venv/bin/python benchmarks/parallel_variants.py --cnn --json runs/parallel_variants_cnn.json": Check(
+        "a benchmark (CNN tensor-parallel and pipeline rows, 2- and 4-rank runs)"
+    ),
     ".venv/bin/python benchmarks/parallel_variants.py --json runs/parallel_variants.json": Check(
         "a benchmark (~7 minutes of 2- and 4-rank runs)"
     ),

@@ -167,10 +167,11 @@ def test_groupnorm_straddling_shards_is_one_line_error() -> None:
 def test_dp2_tp2_cnn_resumes_to_single_process_weights(runs: Runs) -> None:
     """The training path on a 2x2 (dp, tp) mesh (FSDP2 over dp, channel-split convs over tp):
     5 steps, stop, resume from the full-state checkpoint for 5 more: the single process's
-    weights after 10 steps. Not channels_last: FSDP2 refuses non-contiguous parameters."""
+    weights after 10 steps. The parallel run is channels_last (weights made contiguous for
+    FSDP2, which refuses non-contiguous parameters; the images stay channels_last)."""
     clip = {"train.clip_norm": CNN["train.clip_norm"]}
     single = runs.single("airbench_net", **clip)
-    extra = {**clip, "parallel.tp": 2, "parallel.dp": 2}
+    extra = {**clip, "parallel.tp": 2, "parallel.dp": 2, "train.channels_last": True}
     runs.torchrun(4, "dp2tp2_cnn", "airbench_net", **extra, **{"train.max_steps": 5})
     over = overrides(
         runs.data, runs.root, "dp2tp2_cnn", "airbench_net", **extra, **{"train.resume": "auto"}
