@@ -157,6 +157,24 @@ def test_zero2_resume_continues_the_same_curve(
 
 
 @needs_ds
+def test_zero2_splits_the_optimizer_state_across_ranks(zero2_run: Path) -> None:
+    """Each of the 2 ranks holds the momentum of ~1/2 of the parameters (ZeRO-0 holds all)."""
+    step = zero2_run / "checkpoints/step_00000010"
+    # DeepSpeed's own files pickle its LossScaler and enums: weights_only=True cannot load them.
+    model = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    params = sum(v.numel() for v in model["module"].values() if v.is_floating_point())
+    held = []
+    for rank in (0, 1):
+        path = step / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        opt = torch.load(path, weights_only=False, map_location="cpu")["optimizer_state_dict"]
+        state = opt["base_optimizer_state"]["state"].values()
+        held.append(sum(t.numel() for s in state for t in s.values() if torch.is_tensor(t)))
+    for n in held:  # half each, up to DeepSpeed's alignment padding
+        assert abs(n - params / 2) <= 0.01 * params, (held, params)
+    assert sum(held) >= params
+
+
+@needs_ds
 def test_consolidated_zero_checkpoint_evaluates_like_the_run(zero2_run: Path) -> None:
     """ZeRO-2 shards -> one plain file (weights_only) -> `cifar-dist eval` gives the metrics
     the run itself reported with its final weights."""
