@@ -152,6 +152,7 @@ def test_pp_split_names_layers_and_rejects_unknown_ones() -> None:
     for over in (
         {"parallel.pp": 2, "parallel.pp_split": ["blocks.2", "blocks.4"]},
         {"parallel.pp": 2, "parallel.pp_split": ["blocks.2"], "parallel.split_points": [3]},
+        {"parallel.pp": 2, "parallel.pp_split": ["blocks.2"], "parallel.engine": "deepspeed"},
     ):
         with pytest.raises(ConfigError, match="^parallel.pp_split: "):
             load_config(None, over)
