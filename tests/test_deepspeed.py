@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from cifar_dist.config import load_config
+from cifar_dist.models import create_model
 from cifar_dist.train.checkpoint import load_checkpoint
 from cifar_dist.train.fit import fit
 from tests.conftest import tiny_overrides
@@ -154,6 +155,34 @@ def test_zero2_resume_continues_the_same_curve(
     assert [r["step"] for r in after] == [6, 7, 8, 9, 10]
     full = step_losses(zero2_run)[5:]
     assert max(abs(r["step/loss"] - f) for r, f in zip(after, full)) <= 1e-6, (after, full)
+
+
+def _optimizer_state_numel(path: Path) -> int:
+    """Elements of the optimiser state (momentum buffers) in one rank's ZeRO checkpoint file."""
+    # DeepSpeed's own files pickle its LossScaler and enums: weights_only=True cannot load them.
+    opt = torch.load(path, weights_only=False, map_location="cpu")["optimizer_state_dict"]
+    inner = opt.get("base_optimizer_state") or opt["optimizer_state_dict"]  # ZeRO-1/2 | ZeRO-3
+    return sum(t.numel() for s in inner["state"].values() for t in s.values() if torch.is_tensor(t))
+
+
+@needs_ds
+@pytest.mark.timeout(300)
+def test_zero2_and_zero3_split_the_optimizer_state_across_ranks(
+    synth_cifar10: Path, runs: Path, zero2_run: Path
+) -> None:
+    """Each of the 2 ranks holds the momentum of ~1/2 of the parameters (ZeRO-0 holds all)."""
+    extra = {**ZERO_RUN, **DS, "deepspeed.zero_stage": 3, "train.max_steps": 2}
+    over = _over(synth_cifar10, runs, "zero3", **{**extra, "train.ckpt_every_steps": 2})
+    _check(run_torchrun(2, "train", *cli_args(over), timeout=240))
+    params = sum(p.numel() for p in create_model("vit_tiny").parameters())
+    for step in (zero2_run / "checkpoints/step_00000010", runs / "zero3/checkpoints/step_00000002"):
+        held = [
+            _optimizer_state_numel(step / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+            for r in (0, 1)
+        ]
+        for n in held:  # half each, up to DeepSpeed's alignment padding
+            assert abs(n - params / 2) <= 0.01 * params, (step, held, params)
+        assert sum(held) >= params
 
 
 @needs_ds

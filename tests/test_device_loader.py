@@ -121,6 +121,22 @@ def test_ranks_draw_different_augmentation_streams() -> None:
     assert not torch.equal(p0.dy, p1.dy) and not torch.equal(p0.flip, p1.flip)
 
 
+@pytest.mark.parametrize("flip_mode", ["random", "alternating"])
+def test_sample_augmentation_does_not_depend_on_the_world_size(flip_mode: str) -> None:
+    """Crop/flip/cutout of sample i in epoch e are a function of (seed, epoch, i) only."""
+    split = make_split(203)
+    kw = dict(crop_padding=4, flip=True, flip_mode=flip_mode, cutout=8)
+    for e in (0, 1):
+        by_sample: dict[int, tuple[int, ...]] = {}
+        for world in (1, 2, 4):
+            for r in range(world):
+                idx, p = loader(split, rank=r, world=world, micro=32 // world, **kw).epoch_plan(e)
+                for j, i in enumerate(idx.tolist()):
+                    got = (int(p.dy[j]), int(p.dx[j]), bool(p.flip[j]), int(p.cy[j]), int(p.cx[j]))
+                    assert by_sample.setdefault(i, got) == got, (world, r, i)
+        assert len({v[:3] for v in by_sample.values()}) > 20  # really random across samples
+
+
 def test_crop_flip_keep_labels_shapes_and_ranges() -> None:
     split = make_split(203)
     ld = loader(split, crop_padding=4, flip=True)

@@ -124,6 +124,40 @@ def test_balanced_split_minimises_the_heaviest_stage() -> None:
     assert pipeline.stage_bounds(model, 2, [3]) == [range(0, 3), range(3, 10)]
 
 
+def _flop_shares(model: torch.nn.Module, num_stages: int) -> list[float]:
+    flops = pipeline.layer_flops(model, torch.zeros(2, 3, 32, 32))
+    bounds = pipeline.stage_bounds(model, num_stages, [], flops)
+    assert len(bounds) == num_stages
+    return [sum(flops[i] for i in r) / sum(flops) for r in bounds]
+
+
+def test_default_split_balances_compute_not_parameters() -> None:
+    model = create_model("resnet18", norm="group")
+    two = _flop_shares(model, 2)  # parameter balance gave 86% / 14%
+    assert all(0.45 <= s <= 0.55 for s in two), two
+    four = _flop_shares(model, 4)  # parameter balance gave 76 / 11 / 14 / 0%
+    assert min(four) >= 0.15, four
+    # ties go to the earliest cut, the same answer every call
+    assert pipeline.balanced_split([1, 1, 1], 2) == [1]
+    assert pipeline.balanced_split([2, 1, 1, 2], 3) == [1, 3]
+
+
+def test_pp_split_names_layers_and_rejects_unknown_ones() -> None:
+    model = create_model("resnet18", norm="group")
+    assert pipeline.named_split_points(model, ["blocks.4"]) == [5]
+    with pytest.raises(ConfigError, match="^parallel.pp_split: 'blocks.9' is not a pipeline"):
+        pipeline.named_split_points(model, ["blocks.9"])
+    with pytest.raises(ConfigError, match="^parallel.pp_split: .* not in model order"):
+        pipeline.named_split_points(model, ["blocks.4", "blocks.2"])
+    for over in (
+        {"parallel.pp": 2, "parallel.pp_split": ["blocks.2", "blocks.4"]},
+        {"parallel.pp": 2, "parallel.pp_split": ["blocks.2"], "parallel.split_points": [3]},
+        {"parallel.pp": 2, "parallel.pp_split": ["blocks.2"], "parallel.engine": "deepspeed"},
+    ):
+        with pytest.raises(ConfigError, match="^parallel.pp_split: "):
+            load_config(None, over)
+
+
 def test_pipeline_config_errors_name_the_key(tmp_path: Path) -> None:
     cases = {
         "parallel.stages_per_rank": {"parallel.pp": 2, "parallel.pp_schedule": "interleaved_1f1b"},

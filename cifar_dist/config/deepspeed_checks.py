@@ -22,6 +22,11 @@ def check_deepspeed(cfg: Config) -> None:
             f"ZeRO stage 0 or 1 only, got {ds.zero_stage} (ZeRO-2/3 shard gradients/parameters "
             "that the pipeline schedule accumulates across micro-batches)"
         )
+    if par.pp > 1 and par.pp_split is not None:
+        raise ConfigError(
+            "parallel.pp_split: engine=deepspeed cuts its pipeline by deepspeed.partition; "
+            "pp_split is for engine=torch"
+        )
     if par.tp > 1:
         raise ConfigError("parallel.tp: tensor parallelism is not available with engine=deepspeed")
     if train.dtype == "float64" and (ds.zero_stage not in (1, 2) or par.pp > 1):

@@ -364,7 +364,11 @@ class ParallelConfig:
     ...) needs pp_schedule=interleaved_1f1b, which needs > 1."""
     split_points: list[int] = field(default_factory=list)
     """Indices into the model's `pipeline_layers()` where stages 1, 2, ... begin (one fewer
-    than the number of stages); empty = balance the stages by parameter count."""
+    than the number of stages); empty = balance the stages by compute (FLOPs per layer).
+    Or name the layers: see pp_split."""
+    pp_split: list[str] | None = None
+    """Names (in the model, e.g. "blocks.4") of the pipeline layers where stages 1, 2, ...
+    begin, an alternative to split_points; None = split_points or the FLOP-balanced split."""
     sequence_parallel: bool = False
     """Tensor parallel ViT: also shard LayerNorms and residual adds along the token dimension
     (activation memory / tp; all-reduces become reduce-scatter + all-gather). Ignored at tp = 1."""
@@ -382,6 +386,11 @@ class ParallelConfig:
             "parallel.split_points",
             "must be strictly increasing layer indices >= 1",
         )
+        _check(
+            not (self.pp_split is not None and self.split_points),
+            "parallel.pp_split",
+            "set either parallel.pp_split or parallel.split_points, not both",
+        )
         if self.pp == 1 or self.engine != "torch":  # DeepSpeed's pipeline: deepspeed_checks.py
             return
         interleaved = self.pp_schedule == "interleaved_1f1b"
@@ -395,6 +404,11 @@ class ParallelConfig:
             not self.split_points or len(self.split_points) == stages - 1,
             "parallel.split_points",
             f"needs {stages - 1} entries for {stages} stages, got {len(self.split_points)}",
+        )
+        _check(
+            self.pp_split is None or len(self.pp_split) == stages - 1,
+            "parallel.pp_split",
+            f"needs {stages - 1} layer names for {stages} stages, got {len(self.pp_split or [])}",
         )
         if self.pp_schedule == "1f1b":  # torch's Schedule1F1B refuses fewer
             _check(

@@ -4,9 +4,11 @@ Same BatchSource interface and sharding as the DataLoader path (`loaders.py`): r
 batches of perm[r : (n // w) * w : w] where perm = torch.randperm(n) from a CPU generator seeded
 with seed + epoch (DistributedSampler(shuffle=True, drop_last=True) semantics, identical indices
 to `ResumableSampler`), whole optimiser steps per epoch. Augmentation is batch-wise tensor work
-on the device (`gpu_augment.py`); its random parameters are drawn for the whole epoch at once
-from a device `torch.Generator` seeded from (seed, epoch, rank), so `set_start_batch(k)` yields
-exactly batches k.. of the full epoch and ranks draw different streams.
+on the device (`gpu_augment.py`); its crop, flip and cutout parameters are drawn for all n
+samples of the split at once, in dataset order, from a device `torch.Generator` seeded from
+(seed, epoch) only, and each rank indexes its own samples: sample i of epoch e is augmented the
+same way whatever the world size, so 1, 2 or 4 ranks see identical global batches, and
+`set_start_batch(k)` yields exactly batches k.. of the full epoch.
 """
 
 from __future__ import annotations
@@ -126,14 +128,16 @@ class DeviceTrainLoader:
         kept = self.num_batches * self.micro
         cpu_idx = shard_indices(self.n, self.seed, epoch, self.rank, self.world)[:kept]
         idx = cpu_idx.to(self.device)
-        g = torch.Generator(self.device).manual_seed(mix_seed(self.seed, epoch, self.rank, _AUG))
+        # Rank-free: parameters of every sample of the split (dataset order), then this rank's.
+        g = torch.Generator(self.device).manual_seed(mix_seed(self.seed, epoch, _AUG))
+        n = self.n
         if not self.flip:
-            flip: Tensor | None = torch.zeros(kept, dtype=torch.bool, device=self.device)
+            flip: Tensor | None = torch.zeros(n, dtype=torch.bool, device=self.device)
         elif self.flip_base is not None:
-            flip = alternating_flip(self.flip_base, idx, epoch)
+            flip = alternating_flip(self.flip_base, torch.arange(n, device=self.device), epoch)
         else:
             flip = None
-        return idx, draw_params(kept, self.pad, flip=flip, generator=g, device=self.device)
+        return idx, draw_params(n, self.pad, flip=flip, generator=g, device=self.device)[idx]
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         start, self._start = self._start, 0

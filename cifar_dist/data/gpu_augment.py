@@ -43,7 +43,7 @@ class AugParams:
     cy: Tensor
     cx: Tensor
 
-    def __getitem__(self, sl: slice) -> AugParams:
+    def __getitem__(self, sl: slice | Tensor) -> AugParams:
         return AugParams(self.dy[sl], self.dx[sl], self.flip[sl], self.cy[sl], self.cx[sl])
 
 

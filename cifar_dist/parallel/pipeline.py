@@ -48,7 +48,8 @@ def balanced_split(weights: list[int], num_stages: int) -> list[int]:
     """Split points (start index of stages 1..) minimising the heaviest stage's total weight.
 
     Exact linear partition by dynamic programming (O(n^2 k), n = a few dozen layers); torch's
-    pipelining leaves the split to the caller.
+    pipelining leaves the split to the caller. Ties go to the earliest cut (strict `<` over
+    ascending j), so the split is deterministic and the same on every rank.
     """
     n = len(weights)
     prefix = [0]
@@ -72,13 +73,57 @@ def balanced_split(weights: list[int], num_stages: int) -> list[int]:
     return sorted(points)
 
 
-def stage_bounds(model: PipelineModel, num_stages: int, split_points: list[int]) -> list[range]:
-    """Layer index ranges of every stage, from the config's split points or by parameter count."""
+def layer_flops(model: PipelineModel, sample: torch.Tensor) -> list[int]:
+    """FLOPs of every pipeline layer on `sample` (one micro-batch), forward pass, eval mode.
+
+    Counted by torch's FlopCounterMode (matmuls and convolutions, which dominate the step);
+    backward costs about twice the forward per layer, so the forward ranks stages the same way.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    flops, x = [], sample
+    with torch.no_grad():
+        for layer in model.pipeline_layers():
+            counter = FlopCounterMode(display=False)
+            with counter:
+                x = layer(x)
+            flops.append(int(counter.get_total_flops()))
+    model.train(was_training)
+    return flops
+
+
+def named_split_points(model: PipelineModel, names: list[str]) -> list[int]:
+    """Layer indices of `parallel.pp_split`'s layer names; a ConfigError for a wrong name."""
+    by_id = {id(m): name for name, m in model.named_modules()}
+    layer_names = [by_id[id(m)] for m in model.pipeline_layers()]
+    points = []
+    for name in names:
+        if name not in layer_names[1:]:
+            raise ConfigError(
+                f"parallel.pp_split: {name!r} is not a pipeline layer after the first "
+                f"(choose from {', '.join(layer_names[1:])})"
+            )
+        points.append(layer_names.index(name))
+    if points != sorted(set(points)):
+        raise ConfigError(f"parallel.pp_split: {names} are not in model order")
+    return points
+
+
+def stage_bounds(
+    model: PipelineModel,
+    num_stages: int,
+    split_points: list[int],
+    weights: list[int] | None = None,
+) -> list[range]:
+    """Layer index ranges of every stage: at the given split points, else balancing `weights`
+    per layer (plan_pipeline passes FLOPs; default: parameter counts)."""
     layers = model.pipeline_layers()
     if not split_points:
-        split_points = balanced_split(
-            [sum(p.numel() for p in m.parameters()) for m in layers], num_stages
-        )
+        if weights is None:
+            weights = [sum(p.numel() for p in m.parameters()) for m in layers]
+        split_points = balanced_split(weights, num_stages)
     edges = [0, *split_points, len(layers)]
     return [range(a, b) for a, b in zip(edges, edges[1:])]
 
@@ -128,10 +173,17 @@ class PipelinePlan:
         return len(self.bounds)
 
 
-def plan_pipeline(model: PipelineModel, pp_rank: int, pp: int, cfg: ParallelConfig) -> PipelinePlan:
+def plan_pipeline(
+    model: PipelineModel, pp_rank: int, pp: int, cfg: ParallelConfig, micro: torch.Tensor
+) -> PipelinePlan:
+    """Cut the model into stages (split_points, pp_split, else FLOPs on `micro` balanced)."""
     num_stages = pp * cfg.stages_per_rank
     check_pipeline(model, num_stages, cfg.split_points)
-    bounds = stage_bounds(model, num_stages, cfg.split_points)
+    points = cfg.split_points
+    if cfg.pp_split is not None:
+        points = named_split_points(model, cfg.pp_split)
+    weights = None if points else layer_flops(model, micro)
+    bounds = stage_bounds(model, num_stages, points, weights)
     layers = model.pipeline_layers()
     names = {id(m): name for name, m in model.named_modules()}
     stage_ids = [pp_rank + i * pp for i in range(cfg.stages_per_rank)]

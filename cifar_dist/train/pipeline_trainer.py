@@ -48,7 +48,6 @@ class PipelineTrainer(MeshTrainer):
                 f"parallel.microbatches: {cfg.parallel.microbatches} does not divide the "
                 f"per-rank batch {self.rank_batch} (data.batch_size / dp)"
             )
-        self.plan = plan_pipeline(self.model, coords.pp, dims.pp, cfg.parallel)
         warn_batchnorm(self.model, self.info.is_main)
         fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         micro = torch.zeros(
@@ -56,6 +55,7 @@ class PipelineTrainer(MeshTrainer):
             dtype=self.dtype,
             device=self.device,
         ).contiguous(memory_format=fmt)
+        self.plan = plan_pipeline(self.model, coords.pp, dims.pp, cfg.parallel, micro)
         acts = example_activations(self.model, self.plan.bounds, micro)
         release_other_layers(self.model, self.plan)
         self.eval_group = dims.group("dp")
