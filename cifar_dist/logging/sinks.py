@@ -98,7 +98,9 @@ def build_sinks(cfg: Any, run_dir: Path, is_main: bool, config_dict: dict[str, A
     if not is_main:
         return NullSink()
     sinks: list[Sink] = [ConsoleSink(), JsonlSink(run_dir)]
-    if cfg.log.wandb.mode != "disabled":
+    from cifar_dist.logging.wandb_sink import resolve_settings
+
+    if resolve_settings(cfg.log.wandb)["mode"] != "disabled":
         from cifar_dist.logging.wandb_sink import make_wandb_sink
 
         wb = make_wandb_sink(cfg, run_dir, config_dict)
