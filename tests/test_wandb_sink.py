@@ -78,6 +78,13 @@ def test_offline_run_has_config_metrics_plots_summary_and_no_key(
     }
     assert {"curves", "confusion", "lr"} <= pngs
     assert rec["summary"]["test_acc"] == pytest.approx(summary["test_acc"])
+    chart = [h for h in rec["history"] if any(k.startswith("confusion_matrix") for k in h)]
+    assert chart, "no interactive confusion matrix logged"
+    tables = list(run_dir.glob("wandb/offline-run-*/files/media/table/confusion_matrix*.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["Actual", "Predicted", "nPredictions"]
+    assert len(table["data"]) == 10 * 10 and sum(r[2] for r in table["data"]) > 0
     out = capsys.readouterr().out
     assert f"wandb sync {run_dir / 'wandb'}" in out and "offline run in" in out
     for path in run_dir.rglob("*"):

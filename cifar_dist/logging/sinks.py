@@ -28,6 +28,9 @@ class Sink:
         epoch's metrics and its checkpoint over together (Ray Tune) pairs them here.
         """
 
+    def confusion(self, counts: Any, class_names: list[str]) -> None:  # noqa: B027
+        """The final confusion matrix (rows = true class, columns = predicted), rank 0 only."""
+
     def close(self) -> None:  # noqa: B027
         pass
 
@@ -87,6 +90,10 @@ class MultiSink(Sink):
     def checkpoint(self, path: Path | None, step: int) -> None:
         for s in self.sinks:
             s.checkpoint(path, step)
+
+    def confusion(self, counts: Any, class_names: list[str]) -> None:
+        for s in self.sinks:
+            s.confusion(counts, class_names)
 
     def close(self) -> None:
         for s in self.sinks:

@@ -79,6 +79,24 @@ class WandbSink(Sink):
             aliases.append("best")
         self.run.log_artifact(art, aliases=aliases)
 
+    def confusion(self, counts: Any, class_names: list[str]) -> None:
+        """An interactive W&B confusion matrix. wandb.plot.confusion_matrix wants per-sample
+        predictions, but the trainer only has the (all-reduced) counts, so this builds the same
+        table and vega spec that wandb.plot.confusion_matrix builds from them."""
+        import wandb
+
+        rows = [
+            [class_names[i], class_names[j], int(counts[i][j])]
+            for i in range(len(class_names))
+            for j in range(len(class_names))
+        ]
+        table = wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=rows)
+        fields = {k: k for k in ("Actual", "Predicted", "nPredictions")}
+        chart = wandb.plot_table(
+            "wandb/confusion_matrix/v1", table, fields, {"title": "Confusion matrix"}
+        )
+        self.run.log({"confusion_matrix": chart})
+
     def close(self) -> None:
         mode = self.run.settings.mode
         path = self.run.dir
