@@ -248,3 +248,30 @@ def offline_run_part(part: Path) -> dict:
         elif kind == "artifact":
             out["artifacts"].append(rec.artifact)
     return out
+
+
+def test_tensorboard_sink_writes_the_scalars(synth_cifar10: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    over = tiny_overrides(
+        synth_cifar10,
+        tmp_path,
+        **{
+            "model.name": "airbench_net",
+            "data.subset": 64,
+            "train.epochs": 2,
+            "log.every_steps": 1,
+            "log.tensorboard": True,
+        },
+    )
+    summary = fit(load_config(None, over))
+    acc = EventAccumulator(str(tmp_path / "t" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"val_acc", "train_loss", "step/loss", "final/test_acc"} <= tags
+    steps = json.loads((tmp_path / "t" / "steps.jsonl").read_text().splitlines()[0])
+    first = acc.Scalars("step/loss")[0]
+    assert (first.step, first.value) == (steps["step"], pytest.approx(steps["step/loss"]))
+    assert [e.value for e in acc.Scalars("final/test_acc")] == [pytest.approx(summary["test_acc"])]
+    assert len(acc.Scalars("val_acc")) == 2

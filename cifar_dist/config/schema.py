@@ -479,6 +479,8 @@ class LogConfig:
     """Write PNG plots (curves, LR schedule, confusion matrix) at the end."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases sink (skipped with a note when wandb is not installed)."""
+    tensorboard: bool = False
+    """Also write scalars to <run_dir>/tensorboard (needs the tensorboard extra)."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 1, "log.every_steps", "must be >= 1")

@@ -101,7 +101,7 @@ class MultiSink(Sink):
 
 
 def build_sinks(cfg: Any, run_dir: Path, is_main: bool, config_dict: dict[str, Any]) -> Sink:
-    """Console + JSONL (+ W&B when enabled and installed) on rank 0; a no-op sink elsewhere."""
+    """Console + JSONL (+ W&B, TensorBoard when enabled and installed) on rank 0; a no-op sink elsewhere."""
     if not is_main:
         return NullSink()
     sinks: list[Sink] = [ConsoleSink(), JsonlSink(run_dir)]
@@ -113,4 +113,10 @@ def build_sinks(cfg: Any, run_dir: Path, is_main: bool, config_dict: dict[str, A
         wb = make_wandb_sink(cfg, run_dir, config_dict)
         if wb is not None:
             sinks.append(wb)
+    if cfg.log.tensorboard:
+        from cifar_dist.logging.tensorboard_sink import make_tensorboard_sink
+
+        tb = make_tensorboard_sink(run_dir)
+        if tb is not None:
+            sinks.append(tb)
     return MultiSink(sinks)
