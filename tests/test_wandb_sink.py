@@ -220,8 +220,8 @@ def test_resume_continues_one_wandb_run_with_metrics_and_artifacts(
     assert metrics["val_acc"].step_metric == "epoch"
     assert metrics["val_acc"].summary.max
     assert metrics["val_loss"].summary.min
-    arts = recs[1]["artifacts"]
-    assert len(arts) == 1 and arts[0].type == "model"
+    arts = [a for a in recs[1]["artifacts"] if a.type == "model"]  # also: the confusion table
+    assert len(arts) == 1 and arts[0].name == f"model-{run_id}"  # one name: versions v0, v1...
     assert {"last", "latest"} <= set(arts[0].aliases)
     assert any(f.path.endswith("last.pt") for f in arts[0].manifest.contents)
 
