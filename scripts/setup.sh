@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create ./.venv with the pinned torch/torchvision pair, then install cifar-dist (editable) with extras.
 # Usage: bash scripts/setup.sh [EXTRAS]
-#   EXTRAS default: $CIFAR_DIST_EXTRAS, else dev,wandb,compress,tune,deepspeed (what the tests use);
+#   EXTRAS default: $CIFAR_DIST_EXTRAS, else dev,wandb,tensorboard,compress,tune,deepspeed (what the tests use);
 #   $CIFAR_DIST_ADD_EXTRAS is appended (CI adds ffcv once its system libraries are installed).
 # torch and torchvision are installed together in an --isolated pip call: on machines whose pip is
 # configured with a local CPU-only torch wheel, that wheel cannot be paired with the registry's
@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=${1:-${CIFAR_DIST_EXTRAS:-dev,wandb,compress,tune,deepspeed}}
+EXTRAS=${1:-${CIFAR_DIST_EXTRAS:-dev,wandb,tensorboard,compress,tune,deepspeed}}
 if [ -n "${CIFAR_DIST_ADD_EXTRAS:-}" ]; then EXTRAS=$EXTRAS,$CIFAR_DIST_ADD_EXTRAS; fi
 # DeepSpeed ships as an sdist; with DS_BUILD_OPS=0 no op is compiled at install (none is needed:
 # cifar-dist uses torch optimisers and skips the shm_comm build, docs/deepspeed.md).

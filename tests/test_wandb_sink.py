@@ -3,6 +3,7 @@ images, final summary, rank 0 only, and the API key never written anywhere."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,8 @@ def test_online_without_a_key_falls_back_to_offline(
 ) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
-    assert WandbConfig().mode == "offline"
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_sink.resolve_settings(WandbConfig())["mode"] == "offline"
     assert wandb_sink.resolve_mode("online") == "offline"
     assert "no API key" in capsys.readouterr().out
     (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password x\n")
@@ -76,6 +78,13 @@ def test_offline_run_has_config_metrics_plots_summary_and_no_key(
     }
     assert {"curves", "confusion", "lr"} <= pngs
     assert rec["summary"]["test_acc"] == pytest.approx(summary["test_acc"])
+    chart = [h for h in rec["history"] if any(k.startswith("confusion_matrix") for k in h)]
+    assert chart, "no interactive confusion matrix logged"
+    tables = list(run_dir.glob("wandb/offline-run-*/files/media/table/confusion_matrix*.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["Actual", "Predicted", "nPredictions"]
+    assert len(table["data"]) == 10 * 10 and sum(r[2] for r in table["data"]) > 0
     out = capsys.readouterr().out
     assert f"wandb sync {run_dir / 'wandb'}" in out and "offline run in" in out
     for path in run_dir.rglob("*"):
@@ -130,3 +139,139 @@ def test_online_init_failure_falls_back_to_offline(
     assert modes == ["online", "offline"]
     assert "online init failed (Timed out" in capsys.readouterr().out
     assert list((tmp_path / "r").glob("wandb/offline-run-*"))
+
+
+def test_settings_precedence_flag_over_env_over_default() -> None:
+    env = {"WANDB_MODE": "disabled", "WANDB_PROJECT": "from-env", "WANDB_ENTITY": "team-env"}
+    assert wandb_sink.resolve_settings(WandbConfig(), {}) == {
+        "mode": "offline",
+        "project": "cifar-dist",
+        "entity": None,
+    }
+    assert wandb_sink.resolve_settings(WandbConfig(), env) == {
+        "mode": "disabled",
+        "project": "from-env",
+        "entity": "team-env",
+    }
+    explicit = WandbConfig(mode="offline", project="from-flag", entity="team-flag")
+    assert wandb_sink.resolve_settings(explicit, env) == {
+        "mode": "offline",
+        "project": "from-flag",
+        "entity": "team-flag",
+    }
+
+
+def test_env_project_is_used_and_disabled_env_builds_no_sink(
+    synth_cifar10: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    over = tiny_overrides(synth_cifar10, tmp_path)
+    over.pop("log.wandb.mode")  # unset: the environment decides
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = load_config(None, over)
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    sinks = build_sinks(cfg, run_dir, is_main=True, config_dict={})
+    assert not any(isinstance(s, wandb_sink.WandbSink) for s in sinks.sinks)
+    sinks.close()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "env-project")
+    sink = wandb_sink.make_wandb_sink(cfg, run_dir, {})
+    assert sink is not None
+    assert sink.run.project == "env-project"
+    sink.close()
+
+
+def test_resume_continues_one_wandb_run_with_metrics_and_artifacts(
+    synth_cifar10: Path, tmp_path: Path
+) -> None:
+    """A job stopped mid-training and resumed (resume=auto, a Slurm requeue) logs to the same
+    W&B run id, its step history continues, and the final checkpoint is an aliased artifact."""
+    common = {
+        "model.name": "airbench_net",
+        "data.subset": 64,
+        "train.epochs": 2,
+        "log.name": "wbr",
+        "log.every_steps": 1,
+        "log.plots": False,
+        "log.wandb.mode": "offline",
+    }
+    fit(
+        load_config(
+            None, tiny_overrides(synth_cifar10, tmp_path, **common, **{"train.max_steps": 3})
+        )
+    )
+    run_dir = tmp_path / "wbr"
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    fit(
+        load_config(
+            None, tiny_overrides(synth_cifar10, tmp_path, **common, **{"train.resume": "auto"})
+        )
+    )
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
+    parts = sorted(run_dir.glob("wandb/offline-run-*"), key=lambda p: p.name)
+    assert len(parts) == 2
+    recs = [offline_run_part(p) for p in parts]
+    assert [r["run"].run_id for r in recs] == [run_id, run_id]
+    steps = [[h["_step"] for h in r["history"] if "_step" in h] for r in recs]
+    assert steps[0] and steps[1] and min(steps[1]) > max(steps[0])
+    epochs = [h["epoch"] for r in recs for h in r["history"] if "val_acc" in h]
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 2
+    metrics = {m.name or m.glob_name: m for m in recs[1]["metrics"]}
+    assert metrics["val_acc"].step_metric == "epoch"
+    assert metrics["val_acc"].summary.max
+    assert metrics["val_loss"].summary.min
+    arts = [a for a in recs[1]["artifacts"] if a.type == "model"]  # also: the confusion table
+    assert len(arts) == 1 and arts[0].name == f"model-{run_id}"  # one name: versions v0, v1...
+    assert {"last", "latest"} <= set(arts[0].aliases)
+    assert any(f.path.endswith("last.pt") for f in arts[0].manifest.contents)
+
+
+def offline_run_part(part: Path) -> dict:
+    from tests.wandb_records import finished_records
+
+    found = list(part.glob("run-*.wandb"))
+    assert len(found) == 1
+    out: dict = {"run": None, "history": [], "metrics": [], "artifacts": []}
+    for rec in finished_records(found[0]):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = rec.run
+        elif kind == "history":
+            out["history"].append(
+                {
+                    (i.key or ".".join(i.nested_key)): json.loads(i.value_json)
+                    for i in rec.history.item
+                }
+            )
+        elif kind == "metric":
+            out["metrics"].append(rec.metric)
+        elif kind == "artifact":
+            out["artifacts"].append(rec.artifact)
+    return out
+
+
+def test_tensorboard_sink_writes_the_scalars(synth_cifar10: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    over = tiny_overrides(
+        synth_cifar10,
+        tmp_path,
+        **{
+            "model.name": "airbench_net",
+            "data.subset": 64,
+            "train.epochs": 2,
+            "log.every_steps": 1,
+            "log.tensorboard": True,
+        },
+    )
+    summary = fit(load_config(None, over))
+    acc = EventAccumulator(str(tmp_path / "t" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"val_acc", "train_loss", "step/loss", "final/test_acc"} <= tags
+    steps = json.loads((tmp_path / "t" / "steps.jsonl").read_text().splitlines()[0])
+    first = acc.Scalars("step/loss")[0]
+    assert (first.step, first.value) == (steps["step"], pytest.approx(steps["step/loss"]))
+    assert [e.value for e in acc.Scalars("final/test_acc")] == [pytest.approx(summary["test_acc"])]
+    assert len(acc.Scalars("val_acc")) == 2

@@ -464,10 +464,17 @@ class DeepSpeedConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    """offline writes a local run to sync later; online needs WANDB_API_KEY; disabled logs nothing."""
-    project: str = "cifar-dist"
-    """W&B project."""
+    mode: Literal["", "offline", "online", "disabled"] = ""
+    """offline writes a local run to sync later; online needs WANDB_API_KEY; disabled logs nothing.
+    Empty = $WANDB_MODE if set, else offline (an explicit value wins over the environment)."""
+    project: str = ""
+    """W&B project. Empty = $WANDB_PROJECT if set, else cifar-dist."""
+    entity: str = ""
+    """W&B entity (user or team). Empty = $WANDB_ENTITY if set, else wandb's default."""
+    job_type: str = "train"
+    """W&B job_type (filters runs in the UI)."""
+    log_checkpoints: bool = True
+    """Upload last.pt (aliases last/latest) as a model artifact at the end of training."""
     group: str = ""
     """W&B group (sweeps put their trials in one group)."""
     tags: list[str] = field(default_factory=list)
@@ -486,6 +493,8 @@ class LogConfig:
     """Write PNG plots (curves, LR schedule, confusion matrix) at the end."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases sink (skipped with a note when wandb is not installed)."""
+    tensorboard: bool = False
+    """Also write scalars to <run_dir>/tensorboard (needs the tensorboard extra)."""
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 1, "log.every_steps", "must be >= 1")

@@ -28,6 +28,9 @@ class Sink:
         epoch's metrics and its checkpoint over together (Ray Tune) pairs them here.
         """
 
+    def confusion(self, counts: Any, class_names: list[str]) -> None:  # noqa: B027
+        """The final confusion matrix (rows = true class, columns = predicted), rank 0 only."""
+
     def close(self) -> None:  # noqa: B027
         pass
 
@@ -88,20 +91,32 @@ class MultiSink(Sink):
         for s in self.sinks:
             s.checkpoint(path, step)
 
+    def confusion(self, counts: Any, class_names: list[str]) -> None:
+        for s in self.sinks:
+            s.confusion(counts, class_names)
+
     def close(self) -> None:
         for s in self.sinks:
             s.close()
 
 
 def build_sinks(cfg: Any, run_dir: Path, is_main: bool, config_dict: dict[str, Any]) -> Sink:
-    """Console + JSONL (+ W&B when enabled and installed) on rank 0; a no-op sink elsewhere."""
+    """Console + JSONL (+ W&B, TensorBoard when enabled and installed) on rank 0; a no-op sink elsewhere."""
     if not is_main:
         return NullSink()
     sinks: list[Sink] = [ConsoleSink(), JsonlSink(run_dir)]
-    if cfg.log.wandb.mode != "disabled":
+    from cifar_dist.logging.wandb_sink import resolve_settings
+
+    if resolve_settings(cfg.log.wandb)["mode"] != "disabled":
         from cifar_dist.logging.wandb_sink import make_wandb_sink
 
         wb = make_wandb_sink(cfg, run_dir, config_dict)
         if wb is not None:
             sinks.append(wb)
+    if cfg.log.tensorboard:
+        from cifar_dist.logging.tensorboard_sink import make_tensorboard_sink
+
+        tb = make_tensorboard_sink(run_dir)
+        if tb is not None:
+            sinks.append(tb)
     return MultiSink(sinks)

@@ -152,6 +152,9 @@ def _finish(
             if confusion is not None:
                 names = classes or [str(i) for i in range(cfg.data.num_classes)]
                 plots.plot_confusion(confusion, names, run_dir / "confusion_matrix.png")
+        if confusion is not None:
+            names = classes or [str(i) for i in range(cfg.data.num_classes)]
+            trainer.sink.confusion(confusion.tolist(), names)
         trainer.sink.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return summary
 
