@@ -77,7 +77,7 @@ def test_offline_run_has_config_metrics_plots_summary_and_no_key(
         for p in run_dir.glob("wandb/offline-run-*/files/media/images/plots/*.png")
     }
     assert {"curves", "confusion", "lr"} <= pngs
-    assert rec["summary"]["test_acc"] == pytest.approx(summary["test_acc"])
+    assert rec["summary"]["final/test_acc"] == pytest.approx(summary["test_acc"])
     chart = [h for h in rec["history"] if any(k.startswith("confusion_matrix") for k in h)]
     assert chart, "no interactive confusion matrix logged"
     tables = list(run_dir.glob("wandb/offline-run-*/files/media/table/confusion_matrix*.json"))
@@ -275,3 +275,54 @@ def test_tensorboard_sink_writes_the_scalars(synth_cifar10: Path, tmp_path: Path
     assert (first.step, first.value) == (steps["step"], pytest.approx(steps["step/loss"]))
     assert [e.value for e in acc.Scalars("final/test_acc")] == [pytest.approx(summary["test_acc"])]
     assert len(acc.Scalars("val_acc")) == 2
+
+
+def test_summary_keeps_best_val_acc_and_run_id_only_reused_on_resume(tmp_path: Path) -> None:
+    """The final metrics go under final/ (a plain val_acc would overwrite define_metric's max);
+    a fresh run in the same run directory starts a new W&B run, a resumed one continues it."""
+    cfg = load_config(None, cfg_overrides(tmp_path))
+    sink = wandb_sink.make_wandb_sink(cfg, tmp_path / "r", {})
+    assert sink is not None and sink.run.job_type == "train"
+    for epoch, acc in [(1, 0.5), (2, 0.7), (3, 0.6)]:
+        sink.log({"epoch": epoch, "val_acc": acc, "val_loss": 1 / acc}, step=10 * epoch)
+    sink.summary({"val_acc": 0.6, "test_acc": 0.55})
+    first = sink.run.id
+    sink.close()
+    summary = offline_run(tmp_path / "r")["summary"]
+    assert summary["val_acc"] == {"max": pytest.approx(0.7)}
+    assert summary["final/val_acc"] == pytest.approx(0.6)
+    assert summary["final/test_acc"] == pytest.approx(0.55)
+    ids = []
+    for resume in ("", "auto"):
+        again = load_config(None, {**cfg_overrides(tmp_path), "train.resume": resume})
+        s = wandb_sink.make_wandb_sink(again, tmp_path / "r", {})
+        assert s is not None
+        ids.append(s.run.id)
+        s.close()
+    assert ids[0] != first, "a fresh run reused the stored W&B run id"
+    assert ids[1] == ids[0], "a resumed run did not continue the stored W&B run"
+
+
+def cfg_overrides(tmp_path: Path) -> dict:
+    return {"log.wandb.mode": "offline", "log.dir": str(tmp_path)}
+
+
+def test_jsonl_sink_drops_repeated_steps_on_resume_only(tmp_path: Path) -> None:
+    from cifar_dist.logging.sinks import JsonlSink
+
+    def write(dedupe: bool, steps: list[int]) -> None:
+        sink = JsonlSink(tmp_path, dedupe)
+        for s in steps:
+            sink.log({"epoch": s // 10, "val_acc": 0.1}, s)
+            sink.log({"step/loss": 1.0}, s)
+        sink.close()
+
+    def logged(name: str) -> list[int]:
+        lines = (tmp_path / name).read_text().splitlines()
+        return [json.loads(x)["step"] for x in lines]
+
+    write(False, [10, 20, 30])  # the first attempt got to step 30; its checkpoint was at 20
+    write(True, [30, 40])  # resumed from step 20: step 30 again
+    assert logged("metrics.jsonl") == logged("steps.jsonl") == [10, 20, 30, 40]
+    write(False, [10])  # a fresh run in the same directory appends (no resume, no dedupe)
+    assert logged("metrics.jsonl") == [10, 20, 30, 40, 10]

@@ -55,8 +55,10 @@ class WandbSink(Sink):
     def summary(self, metrics: dict[str, Any]) -> None:
         import wandb
 
+        # Under final/: a plain "val_acc" would overwrite the best-epoch value that
+        # define_metric(summary="max") keeps in the run summary (the dashboard's column).
         for k, v in metrics.items():
-            self.run.summary[k] = v
+            self.run.summary[f"final/{k}"] = v
         images = {p.stem: wandb.Image(str(p)) for p in sorted(self.run_dir.glob("*.png"))}
         if images:
             self.run.log({f"plots/{k}": v for k, v in images.items()})
@@ -123,11 +125,12 @@ def resolve_settings(wcfg: Any, env: Mapping[str, str] | None = None) -> dict[st
 RUN_ID_FILE = "wandb_run_id"
 
 
-def run_id_for(run_dir: Path) -> tuple[str, bool]:
-    """(id, resuming): one W&B run per run directory, so a requeued/resumed job (or a retried
-    Tune trial, whose run dir is stable) continues the same W&B run instead of starting a new one."""
+def run_id_for(run_dir: Path, resume: bool) -> tuple[str, bool]:
+    """(id, resuming): a resumed job (train.resume=auto or a path: a Slurm requeue, a retried
+    Tune trial, whose run dir is stable) continues the W&B run stored in its run directory; a
+    fresh run (no resume) in an existing run directory starts, and stores, a new W&B run."""
     path = run_dir / RUN_ID_FILE
-    if path.is_file() and path.read_text().strip():
+    if resume and path.is_file() and path.read_text().strip():
         return path.read_text().strip(), True
     run_id = secrets.token_hex(6)  # W&B ids: lowercase letters/digits; same length class
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +159,7 @@ def make_wandb_sink(cfg: Any, run_dir: Path, config_dict: dict[str, Any]) -> Wan
 
     settings = resolve_settings(cfg.log.wandb)
     mode = resolve_mode(str(settings["mode"]))
-    run_id, resuming = run_id_for(run_dir)
+    run_id, resuming = run_id_for(run_dir, bool(cfg.train.resume))
     kwargs: dict[str, Any] = {
         "project": settings["project"],
         "entity": settings["entity"],
