@@ -4,6 +4,7 @@ images, final summary, rank 0 only, and the API key never written anywhere."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,7 @@ def test_offline_run_has_config_metrics_plots_summary_and_no_key(
             "log.wandb.mode": "offline",
             "log.wandb.group": "g-test",
             "log.wandb.tags": ["t1", "t2"],
+            "log.wandb.worst_images": 5,
             "optim.lr": 0.0123,
         },
     )
@@ -85,11 +87,35 @@ def test_offline_run_has_config_metrics_plots_summary_and_no_key(
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["Actual", "Predicted", "nPredictions"]
     assert len(table["data"]) == 10 * 10 and sum(r[2] for r in table["data"]) > 0
+    _assert_worst_images_table(run_dir, summary)
     out = capsys.readouterr().out
     assert f"wandb sync {run_dir / 'wandb'}" in out and "offline run in" in out
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), f"API key written to {path}"
+
+
+def _assert_worst_images_table(run_dir: Path, summary: dict) -> None:
+    """The 5 highest-loss validation images, worst first, each above the mean loss."""
+    (part,) = run_dir.glob("wandb/offline-run-*")
+    arts = [a for a in offline_run_part(part)["artifacts"] if a.name.endswith("worst_val_images")]
+    assert len(arts) == 1 and arts[0].type == "run_table"
+    pngs = [f.path for f in arts[0].manifest.contents if f.path.endswith(".png")]
+    assert len(pngs) == 5
+    tables = list(run_dir.glob("wandb/offline-run-*/files/media/table/worst_val_images*.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    cols = ["image", "true", "predicted", "confidence", "true_class_prob", "loss"]
+    assert table["columns"] == cols
+    rows = [dict(zip(cols, r, strict=True)) for r in table["data"]]
+    assert len(rows) == 5
+    losses = [r["loss"] for r in rows]
+    assert losses == sorted(losses, reverse=True) and losses[-1] >= summary["val_loss"]
+    for r in rows:
+        assert r["image"] == "Image"  # the PNGs travel in the table's run_table artifact
+        assert r["true"] != r["predicted"] or r["confidence"] == r["true_class_prob"]
+        assert 0 < r["true_class_prob"] <= r["confidence"] <= 1
+        assert r["loss"] == pytest.approx(-math.log(r["true_class_prob"]), rel=1e-4)
 
 
 def summary_git_sha(run_dir: Path) -> str:

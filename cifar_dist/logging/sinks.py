@@ -31,6 +31,9 @@ class Sink:
     def confusion(self, counts: Any, class_names: list[str]) -> None:  # noqa: B027
         """The final confusion matrix (rows = true class, columns = predicted), rank 0 only."""
 
+    def worst_images(self, rows: list[dict[str, Any]], class_names: list[str]) -> None:  # noqa: B027
+        """The highest-loss validation images (logging/worst_images.py), rank 0 only."""
+
     def close(self) -> None:  # noqa: B027
         pass
 
@@ -116,6 +119,10 @@ class MultiSink(Sink):
     def confusion(self, counts: Any, class_names: list[str]) -> None:
         for s in self.sinks:
             s.confusion(counts, class_names)
+
+    def worst_images(self, rows: list[dict[str, Any]], class_names: list[str]) -> None:
+        for s in self.sinks:
+            s.worst_images(rows, class_names)
 
     def close(self) -> None:
         for s in self.sinks:

@@ -99,6 +99,29 @@ class WandbSink(Sink):
         )
         self.run.log({"confusion_matrix": chart})
 
+    def worst_images(self, rows: list[dict[str, Any]], class_names: list[str]) -> None:
+        """A table of the highest-loss validation images with their predictions."""
+        import wandb
+
+        columns = ["image", "true", "predicted", "confidence", "true_class_prob", "loss"]
+        data = [
+            [
+                wandb.Image(
+                    r["image"], caption=f"{class_names[r['true']]} -> {class_names[r['pred']]}"
+                ),
+                class_names[r["true"]],
+                class_names[r["pred"]],
+                r["confidence"],
+                r["true_prob"],
+                r["loss"],
+            ]
+            for r in rows
+        ]
+        # commit=False: into the last step, which the confusion chart then commits; a step of
+        # its own would be one past the last, and a resumed run would log that step again.
+        table = wandb.Table(columns=columns, data=data)
+        self.run.log({"worst_val_images": table}, commit=False)
+
     def close(self) -> None:
         mode = self.run.settings.mode
         path = self.run.dir
