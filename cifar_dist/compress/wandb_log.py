@@ -61,6 +61,9 @@ def log_compressed(out: Path, rows: list[VariantResult], cfg: Any, report: dict)
     columns = [c for c in rows[0].to_dict() if c != "extra"]  # extra: a dict, no table cell
     data = [[r.to_dict()[c] for c in columns] for r in rows]
     run.log({"compress/variants": wandb.Table(columns=columns, data=data)})
-    run_id = run.id
+    run_id, mode = run.id, run.settings.mode
     run.finish()
+    names = ", ".join(f"{cfg.model.name}-{v}" for v in variant_files(out, rows))
+    where = f"offline: wandb sync {out / 'wandb'}" if mode == "offline" else "online"
+    print(f"[compress] wandb: run {run_id} (job_type compress), model artifacts: {names} ({where})")
     return run_id
