@@ -73,6 +73,8 @@ class JsonlSink(Sink):
         self._paths = {True: run_dir / "steps.jsonl", False: run_dir / "metrics.jsonl"}
         self._files: dict[bool, Any] = {}
         self._dedupe = dedupe
+        for path in self._paths.values():  # present (maybe empty) from the start, as before
+            path.touch()
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         kind = is_step_record(metrics)
