@@ -306,6 +306,29 @@ def test_cli_end_to_end(synth_cifar10: Path, tmp_path: Path) -> None:
     for f in ("model_pruned.pt", "model_fused.pt", "model_int8.ts", "model.ts"):
         assert (out / f).is_file(), f
     assert "| pruned+int8 |" in (out / "compress_report.md").read_text()
+    _assert_model_artifacts(out)
+
+
+def _assert_model_artifacts(out: Path) -> None:
+    """W&B is on (WANDB_MODE=offline in conftest): each variant file is a model artifact."""
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    from tests.test_wandb_sink import offline_run_part
+
+    parts = list(out.glob("wandb/offline-run-*"))
+    assert len(parts) == 1
+    rec = offline_run_part(parts[0])
+    assert rec["run"].job_type == "compress"
+    arts = {a.name: a for a in rec["artifacts"] if a.type == "model"}
+    expected = {
+        "airbench_net-pruned": "model_pruned.pt",
+        "airbench_net-pruned-fused": "model_fused.pt",
+        "airbench_net-pruned-int8": "model_int8.ts",
+        "airbench_net-torchscript": "model.ts",
+    }
+    assert set(arts) == set(expected)
+    for name, file in expected.items():
+        assert name.removeprefix("airbench_net-") in arts[name].aliases
+        assert [f.path for f in arts[name].manifest.contents] == [file]
 
 
 def test_load_trained_prefers_ema_weights(tmp_path: Path) -> None:

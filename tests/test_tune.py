@@ -184,6 +184,11 @@ def test_report_sink_pairs_each_epoch_with_its_checkpoint(tmp_path: Path) -> Non
     sink.log({"epoch": 3, "val_acc": 0.7}, 12)
     sink.close()  # a trainer that never saved: the last epoch still reaches Tune
     assert calls[-1][0]["epoch"] == 3 and len(calls) == 4
+    tag = tmp_path / "checkpoints" / "global_step16"  # DeepSpeed's save: a tag directory
+    tag.mkdir()
+    sink.log({"epoch": 4, "val_acc": 0.8}, 16)
+    sink.checkpoint(tag, 16)  # reported, without a checkpoint a restart could not load
+    assert calls[-1] == (calls[-1][0], None) and calls[-1][0]["epoch"] == 4 and len(calls) == 5
 
 
 # ----- sweeps on Ray ---------------------------------------------------------------------------
@@ -573,3 +578,17 @@ def test_resume_needs_a_sweep_directory(tmp_path: Path) -> None:
     assert proc.stderr.strip() == (
         f"cifar-dist: error: {tmp_path / 'nope'}: no sweep.yaml; --resume takes a sweep directory"
     )
+
+
+def test_trial_config_is_a_tune_trial_run_resumed_only_from_a_checkpoint(tmp_path: Path) -> None:
+    """Trials log W&B runs of job_type tune-trial whatever the base says; a restored trial
+    (a checkpoint to resume from) resumes, so it keeps the W&B run id of its run directory."""
+    from cifar_dist.tune.trainable import TrialContext, trial_config
+
+    base = {"log.wandb.job_type": "train", "log.wandb.mode": "disabled"}
+    ctx = TrialContext(base, str(tmp_path), "g", ["sweep"], "val_acc", "max")
+    fresh = trial_config(ctx, {"optim.lr": 0.1}, "t0", "")
+    assert fresh.log.wandb.job_type == "tune-trial" and fresh.log.wandb.group == "g"
+    assert (fresh.log.dir, fresh.log.name, fresh.train.resume) == (str(tmp_path), "t0", "")
+    restored = trial_config(ctx, {"optim.lr": 0.1}, "t0", str(tmp_path / "ckpt.pt"))
+    assert restored.train.resume == str(tmp_path / "ckpt.pt")

@@ -4,6 +4,7 @@ images, final summary, rank 0 only, and the API key never written anywhere."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,7 @@ def test_offline_run_has_config_metrics_plots_summary_and_no_key(
             "log.wandb.mode": "offline",
             "log.wandb.group": "g-test",
             "log.wandb.tags": ["t1", "t2"],
+            "log.wandb.worst_images": 5,
             "optim.lr": 0.0123,
         },
     )
@@ -77,7 +79,7 @@ def test_offline_run_has_config_metrics_plots_summary_and_no_key(
         for p in run_dir.glob("wandb/offline-run-*/files/media/images/plots/*.png")
     }
     assert {"curves", "confusion", "lr"} <= pngs
-    assert rec["summary"]["test_acc"] == pytest.approx(summary["test_acc"])
+    assert rec["summary"]["final/test_acc"] == pytest.approx(summary["test_acc"])
     chart = [h for h in rec["history"] if any(k.startswith("confusion_matrix") for k in h)]
     assert chart, "no interactive confusion matrix logged"
     tables = list(run_dir.glob("wandb/offline-run-*/files/media/table/confusion_matrix*.json"))
@@ -85,11 +87,35 @@ def test_offline_run_has_config_metrics_plots_summary_and_no_key(
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["Actual", "Predicted", "nPredictions"]
     assert len(table["data"]) == 10 * 10 and sum(r[2] for r in table["data"]) > 0
+    _assert_worst_images_table(run_dir, summary)
     out = capsys.readouterr().out
     assert f"wandb sync {run_dir / 'wandb'}" in out and "offline run in" in out
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), f"API key written to {path}"
+
+
+def _assert_worst_images_table(run_dir: Path, summary: dict) -> None:
+    """The 5 highest-loss validation images, worst first, each above the mean loss."""
+    (part,) = run_dir.glob("wandb/offline-run-*")
+    arts = [a for a in offline_run_part(part)["artifacts"] if a.name.endswith("worst_val_images")]
+    assert len(arts) == 1 and arts[0].type == "run_table"
+    pngs = [f.path for f in arts[0].manifest.contents if f.path.endswith(".png")]
+    assert len(pngs) == 5
+    tables = list(run_dir.glob("wandb/offline-run-*/files/media/table/worst_val_images*.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    cols = ["image", "true", "predicted", "confidence", "true_class_prob", "loss"]
+    assert table["columns"] == cols
+    rows = [dict(zip(cols, r, strict=True)) for r in table["data"]]
+    assert len(rows) == 5
+    losses = [r["loss"] for r in rows]
+    assert losses == sorted(losses, reverse=True) and losses[-1] >= summary["val_loss"]
+    for r in rows:
+        assert r["image"] == "Image"  # the PNGs travel in the table's run_table artifact
+        assert r["true"] != r["predicted"] or r["confidence"] == r["true_class_prob"]
+        assert 0 < r["true_class_prob"] <= r["confidence"] <= 1
+        assert r["loss"] == pytest.approx(-math.log(r["true_class_prob"]), rel=1e-4)
 
 
 def summary_git_sha(run_dir: Path) -> str:
@@ -275,3 +301,54 @@ def test_tensorboard_sink_writes_the_scalars(synth_cifar10: Path, tmp_path: Path
     assert (first.step, first.value) == (steps["step"], pytest.approx(steps["step/loss"]))
     assert [e.value for e in acc.Scalars("final/test_acc")] == [pytest.approx(summary["test_acc"])]
     assert len(acc.Scalars("val_acc")) == 2
+
+
+def test_summary_keeps_best_val_acc_and_run_id_only_reused_on_resume(tmp_path: Path) -> None:
+    """The final metrics go under final/ (a plain val_acc would overwrite define_metric's max);
+    a fresh run in the same run directory starts a new W&B run, a resumed one continues it."""
+    cfg = load_config(None, cfg_overrides(tmp_path))
+    sink = wandb_sink.make_wandb_sink(cfg, tmp_path / "r", {})
+    assert sink is not None and sink.run.job_type == "train"
+    for epoch, acc in [(1, 0.5), (2, 0.7), (3, 0.6)]:
+        sink.log({"epoch": epoch, "val_acc": acc, "val_loss": 1 / acc}, step=10 * epoch)
+    sink.summary({"val_acc": 0.6, "test_acc": 0.55})
+    first = sink.run.id
+    sink.close()
+    summary = offline_run(tmp_path / "r")["summary"]
+    assert summary["val_acc"] == {"max": pytest.approx(0.7)}
+    assert summary["final/val_acc"] == pytest.approx(0.6)
+    assert summary["final/test_acc"] == pytest.approx(0.55)
+    ids = []
+    for resume in ("", "auto"):
+        again = load_config(None, {**cfg_overrides(tmp_path), "train.resume": resume})
+        s = wandb_sink.make_wandb_sink(again, tmp_path / "r", {})
+        assert s is not None
+        ids.append(s.run.id)
+        s.close()
+    assert ids[0] != first, "a fresh run reused the stored W&B run id"
+    assert ids[1] == ids[0], "a resumed run did not continue the stored W&B run"
+
+
+def cfg_overrides(tmp_path: Path) -> dict:
+    return {"log.wandb.mode": "offline", "log.dir": str(tmp_path)}
+
+
+def test_jsonl_sink_drops_repeated_steps_on_resume_only(tmp_path: Path) -> None:
+    from cifar_dist.logging.sinks import JsonlSink
+
+    def write(dedupe: bool, steps: list[int]) -> None:
+        sink = JsonlSink(tmp_path, dedupe)
+        for s in steps:
+            sink.log({"epoch": s // 10, "val_acc": 0.1}, s)
+            sink.log({"step/loss": 1.0}, s)
+        sink.close()
+
+    def logged(name: str) -> list[int]:
+        lines = (tmp_path / name).read_text().splitlines()
+        return [json.loads(x)["step"] for x in lines]
+
+    write(False, [10, 20, 30])  # the first attempt got to step 30; its checkpoint was at 20
+    write(True, [30, 40])  # resumed from step 20: step 30 again
+    assert logged("metrics.jsonl") == logged("steps.jsonl") == [10, 20, 30, 40]
+    write(False, [10])  # a fresh run in the same directory appends (no resume, no dedupe)
+    assert logged("metrics.jsonl") == [10, 20, 30, 40, 10]

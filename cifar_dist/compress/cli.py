@@ -235,6 +235,9 @@ def run_compress(opts: argparse.Namespace, overrides: list[str]) -> dict[str, An
     if opts.export:
         run.export(final, final_name)
     run.finish()
+    from cifar_dist.compress.wandb_log import log_compressed
+
+    log_compressed(run.out, run.rows, cfg, run.report)
     return run.report
 
 

@@ -475,6 +475,9 @@ class WandbConfig:
     """W&B job_type (filters runs in the UI)."""
     log_checkpoints: bool = True
     """Upload last.pt (aliases last/latest) as a model artifact at the end of training."""
+    worst_images: int = 32
+    """Log a table of this many highest-loss validation images (image, true and predicted
+    class, confidence, loss) at the end of training (0 = off; only when W&B is on)."""
     group: str = ""
     """W&B group (sweeps put their trials in one group)."""
     tags: list[str] = field(default_factory=list)
@@ -499,6 +502,7 @@ class LogConfig:
     def __post_init__(self) -> None:
         _check(self.every_steps >= 1, "log.every_steps", "must be >= 1")
         _check("/" not in self.name, "log.name", "must not contain '/'")
+        _check(self.wandb.worst_images >= 0, "log.wandb.worst_images", "must be >= 0")
 
 
 @dataclass

@@ -31,6 +31,9 @@ class Sink:
     def confusion(self, counts: Any, class_names: list[str]) -> None:  # noqa: B027
         """The final confusion matrix (rows = true class, columns = predicted), rank 0 only."""
 
+    def worst_images(self, rows: list[dict[str, Any]], class_names: list[str]) -> None:  # noqa: B027
+        """The highest-loss validation images (logging/worst_images.py), rank 0 only."""
+
     def close(self) -> None:  # noqa: B027
         pass
 
@@ -61,18 +64,42 @@ class ConsoleSink(Sink):
 
 
 class JsonlSink(Sink):
-    def __init__(self, run_dir: Path) -> None:
-        self._epochs = (run_dir / "metrics.jsonl").open("a")
-        self._steps = (run_dir / "steps.jsonl").open("a")
+    """metrics.jsonl / steps.jsonl, appended to. A resumed run (`dedupe`) repeats the steps
+    logged after its checkpoint, so the first record a file gets in this process drops that
+    file's records at or past its step: one record per step across resumes. A fresh run
+    appends as before."""
+
+    def __init__(self, run_dir: Path, dedupe: bool = False) -> None:
+        self._paths = {True: run_dir / "steps.jsonl", False: run_dir / "metrics.jsonl"}
+        self._files: dict[bool, Any] = {}
+        self._dedupe = dedupe
+        for path in self._paths.values():  # present (maybe empty) from the start, as before
+            path.touch()
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        f = self._steps if is_step_record(metrics) else self._epochs
+        kind = is_step_record(metrics)
+        if kind not in self._files:
+            if self._dedupe:
+                _drop_records_from(self._paths[kind], step)
+            self._files[kind] = self._paths[kind].open("a")
+        f = self._files[kind]
         f.write(json.dumps({"step": step, **metrics}) + "\n")
         f.flush()
 
     def close(self) -> None:
-        self._epochs.close()
-        self._steps.close()
+        for f in self._files.values():
+            f.close()
+
+
+def _drop_records_from(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [x for x in lines if x.strip() and json.loads(x).get("step", 0) < step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
 
 
 class MultiSink(Sink):
@@ -95,6 +122,10 @@ class MultiSink(Sink):
         for s in self.sinks:
             s.confusion(counts, class_names)
 
+    def worst_images(self, rows: list[dict[str, Any]], class_names: list[str]) -> None:
+        for s in self.sinks:
+            s.worst_images(rows, class_names)
+
     def close(self) -> None:
         for s in self.sinks:
             s.close()
@@ -104,7 +135,10 @@ def build_sinks(cfg: Any, run_dir: Path, is_main: bool, config_dict: dict[str, A
     """Console + JSONL (+ W&B, TensorBoard when enabled and installed) on rank 0; a no-op sink elsewhere."""
     if not is_main:
         return NullSink()
-    sinks: list[Sink] = [ConsoleSink(), JsonlSink(run_dir)]
+    # A PBT trial (pbt.jsonl, cifar_dist/tune/pbt.py) that adopted another trial's checkpoint
+    # branches its history (steps may go back): no dedupe there, Tune handles its own resumes.
+    dedupe = bool(cfg.train.resume) and not (run_dir / "pbt.jsonl").is_file()
+    sinks: list[Sink] = [ConsoleSink(), JsonlSink(run_dir, dedupe)]
     from cifar_dist.logging.wandb_sink import resolve_settings
 
     if resolve_settings(cfg.log.wandb)["mode"] != "disabled":

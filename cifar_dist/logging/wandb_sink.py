@@ -55,8 +55,10 @@ class WandbSink(Sink):
     def summary(self, metrics: dict[str, Any]) -> None:
         import wandb
 
+        # Under final/: a plain "val_acc" would overwrite the best-epoch value that
+        # define_metric(summary="max") keeps in the run summary (the dashboard's column).
         for k, v in metrics.items():
-            self.run.summary[k] = v
+            self.run.summary[f"final/{k}"] = v
         images = {p.stem: wandb.Image(str(p)) for p in sorted(self.run_dir.glob("*.png"))}
         if images:
             self.run.log({f"plots/{k}": v for k, v in images.items()})
@@ -97,6 +99,29 @@ class WandbSink(Sink):
         )
         self.run.log({"confusion_matrix": chart})
 
+    def worst_images(self, rows: list[dict[str, Any]], class_names: list[str]) -> None:
+        """A table of the highest-loss validation images with their predictions."""
+        import wandb
+
+        columns = ["image", "true", "predicted", "confidence", "true_class_prob", "loss"]
+        data = [
+            [
+                wandb.Image(
+                    r["image"], caption=f"{class_names[r['true']]} -> {class_names[r['pred']]}"
+                ),
+                class_names[r["true"]],
+                class_names[r["pred"]],
+                r["confidence"],
+                r["true_prob"],
+                r["loss"],
+            ]
+            for r in rows
+        ]
+        # commit=False: into the last step, which the confusion chart then commits; a step of
+        # its own would be one past the last, and a resumed run would log that step again.
+        table = wandb.Table(columns=columns, data=data)
+        self.run.log({"worst_val_images": table}, commit=False)
+
     def close(self) -> None:
         mode = self.run.settings.mode
         path = self.run.dir
@@ -123,11 +148,12 @@ def resolve_settings(wcfg: Any, env: Mapping[str, str] | None = None) -> dict[st
 RUN_ID_FILE = "wandb_run_id"
 
 
-def run_id_for(run_dir: Path) -> tuple[str, bool]:
-    """(id, resuming): one W&B run per run directory, so a requeued/resumed job (or a retried
-    Tune trial, whose run dir is stable) continues the same W&B run instead of starting a new one."""
+def run_id_for(run_dir: Path, resume: bool) -> tuple[str, bool]:
+    """(id, resuming): a resumed job (train.resume=auto or a path: a Slurm requeue, a retried
+    Tune trial, whose run dir is stable) continues the W&B run stored in its run directory; a
+    fresh run (no resume) in an existing run directory starts, and stores, a new W&B run."""
     path = run_dir / RUN_ID_FILE
-    if path.is_file() and path.read_text().strip():
+    if resume and path.is_file() and path.read_text().strip():
         return path.read_text().strip(), True
     run_id = secrets.token_hex(6)  # W&B ids: lowercase letters/digits; same length class
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +182,7 @@ def make_wandb_sink(cfg: Any, run_dir: Path, config_dict: dict[str, Any]) -> Wan
 
     settings = resolve_settings(cfg.log.wandb)
     mode = resolve_mode(str(settings["mode"]))
-    run_id, resuming = run_id_for(run_dir)
+    run_id, resuming = run_id_for(run_dir, bool(cfg.train.resume))
     kwargs: dict[str, Any] = {
         "project": settings["project"],
         "entity": settings["entity"],

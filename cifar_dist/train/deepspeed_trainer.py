@@ -218,6 +218,7 @@ class DeepSpeedTrainer(Trainer):
         if self.info.is_main:  # save_checkpoint ends in a barrier: every rank's files are there
             ds_checkpoint.commit_latest(save_dir, tag)
         barrier()
+        self.sink.checkpoint(save_dir / tag if self.info.is_main else None, self.state.step)
 
     def resume(self, spec: str) -> bool:
         if not spec:

@@ -121,6 +121,9 @@ def _finish(
         res = trainer.evaluate_split(split, confusion=split == splits[-1])
         confusion = res.pop("confusion", confusion)
         summary.update({f"{split}_{k}": v for k, v in res.items()})
+    from cifar_dist.logging import worst_images as worst
+
+    worst_rows = worst.collect_worst(trainer, cfg) if worst.wanted(trainer, cfg) else []
     summary.update(
         {
             "epochs": st.epoch,
@@ -152,6 +155,9 @@ def _finish(
             if confusion is not None:
                 names = classes or [str(i) for i in range(cfg.data.num_classes)]
                 plots.plot_confusion(confusion, names, run_dir / "confusion_matrix.png")
+        if worst_rows:  # before confusion(): W&B logs both at the last step
+            names = classes or [str(i) for i in range(cfg.data.num_classes)]
+            trainer.sink.worst_images(worst_rows, names)
         if confusion is not None:
             names = classes or [str(i) for i in range(cfg.data.num_classes)]
             trainer.sink.confusion(confusion.tolist(), names)

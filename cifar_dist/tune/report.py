@@ -53,7 +53,9 @@ class ReportSink(Sink):
         if self._pending is None:  # a mid-epoch checkpoint (ckpt_every_steps): Tune needs none
             return
         metrics, self._pending = self._pending, None
-        if path is None:
+        if path is None or path.is_dir():
+            # A DeepSpeed checkpoint is a tag directory of per-rank shards that a trial restart
+            # cannot take as train.resume yet: report the epoch without one, as before.
             self._send(metrics, None)
             return
         # Tune copies the directory it is given into the trial's storage; give it only this

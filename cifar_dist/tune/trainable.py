@@ -56,6 +56,7 @@ def trial_config(ctx: TrialContext, sampled: dict[str, Any], trial_id: str, resu
         "log.name": trial_id,
         "log.wandb.group": ctx.group,
         "log.wandb.tags": list(ctx.tags),
+        "log.wandb.job_type": "tune-trial",
         "train.progress": False,
         "train.device": device,
         "train.resume": resume,
