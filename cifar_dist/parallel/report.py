@@ -30,6 +30,12 @@ def _ring(n: int) -> float:
     return (n - 1) / n
 
 
+def _sample(model: nn.Module) -> torch.Tensor:
+    """One zero image on the model's device and dtype (meta for a shapes-only model)."""
+    p = next(model.parameters())
+    return torch.zeros(1, 3, 32, 32, device=p.device, dtype=p.dtype)
+
+
 def local_params(model: nn.Module) -> dict[str, int]:
     """This rank's parameters: total (global sizes), local (what it holds), sharded_local (the
     part of local that is a shard of a split parameter) and the bytes of local."""
@@ -57,7 +63,7 @@ def stage_flop_shares(model: nn.Module, bounds: list[range]) -> list[float]:
     import copy
 
     meta = copy.deepcopy(model).to("meta")
-    flops = pipeline.layer_flops(meta, torch.zeros(1, 3, 32, 32, device="meta"))  # type: ignore[arg-type]
+    flops = pipeline.layer_flops(meta, _sample(meta))  # type: ignore[arg-type]
     per_stage = [sum(flops[i] for i in r) for r in bounds]
     return [f / max(sum(per_stage), 1) for f in per_stage]
 
@@ -75,9 +81,8 @@ def cnn_tp_elements(model: nn.Module) -> int:
         for fqn, style in plan.items()
         if style.startswith("rowwise")
     ]
-    device = next(model.parameters()).device
     with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, 32, 32, device=device))
+        model.eval()(_sample(model))
     for h in hooks:
         h.remove()
     return sum(sizes.values())
@@ -98,8 +103,7 @@ def comm_bytes(
     params = sum(p.numel() for p in model.parameters())
     total = 0.0
     if dims.pp > 1:
-        device = next(model.parameters()).device
-        sample = torch.zeros(1, 3, 32, 32, device=device)
+        sample = _sample(model)
         if bounds is None:
             bounds = pipeline.stage_bounds(
                 model,  # type: ignore[arg-type]
