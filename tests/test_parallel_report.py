@@ -79,3 +79,17 @@ def test_pp2_stage_flop_shares_match_the_plan(runs: Runs) -> None:
         assert r["pp"] == i
         assert r["local"] == sum(p.numel() for i in stage for p in layers[i].parameters())
     assert sum(r["local"] for r in rep["ranks"]) == rep["params_total"]
+
+
+def test_comm_bytes_ddp_is_one_ring_all_reduce_and_fsdp_three_passes() -> None:
+    from cifar_dist.config.schema import ParallelConfig
+    from cifar_dist.parallel.mesh import ParallelDims
+    from cifar_dist.parallel.report import comm_bytes
+
+    model = create_model("seed_cnn")
+    n = sum(p.numel() for p in model.parameters())
+    ddp = ParallelDims.from_config(ParallelConfig(), 4)
+    fsdp = ParallelDims.from_config(ParallelConfig(dp_mode="fsdp"), 4)
+    assert comm_bytes(model, ddp, 16) == 2 * 3 / 4 * n * 4  # reduce-scatter + all-gather
+    assert comm_bytes(model, fsdp, 16) == 3 * 3 / 4 * n * 4
+    assert comm_bytes(model, ParallelDims.from_config(ParallelConfig(), 1), 16) == 0

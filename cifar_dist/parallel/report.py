@@ -117,14 +117,18 @@ def comm_bytes(
         worst = max(x + y for x, y in zip([0, *inner], [*inner, 0]))
         total += worst * per_rank_batch * elem
         layers = model.pipeline_layers()  # type: ignore[operator]
-        stage_params = max(sum(p.numel() for i in r for p in layers[i].parameters()) for r in bounds)
+        stage_params = max(
+            sum(p.numel() for i in r for p in layers[i].parameters()) for r in bounds
+        )
         total += 2 * _ring(dims.dp) * stage_params * elem if dims.dp > 1 else 0.0
     elif dims.tp > 1:
         if hasattr(model, "blocks") and hasattr(model.blocks[0], "attn"):
             tokens, dim = model.embed.pos_embed.shape[1:]
             # 2 all-reduces forward + 2 backward per block (or the same bytes as reduce-scatter
             # + all-gather pairs under sequence parallel)
-            total += len(model.blocks) * 4 * 2 * _ring(dims.tp) * per_rank_batch * tokens * dim * elem
+            total += (
+                len(model.blocks) * 4 * 2 * _ring(dims.tp) * per_rank_batch * tokens * dim * elem
+            )
         else:  # CNN: one all-reduce forward (row) + one backward (column) per split pair,
             # each sending 2 (tp-1)/tp of the activation (reduce-scatter + all-gather phases)
             total += cnn_tp_elements(model) * 2 * 2 * _ring(dims.tp) * per_rank_batch * elem
