@@ -9,6 +9,7 @@ and optimizer-state bytes of every rank. Gathered with all_gather_object: every 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 from pathlib import Path
@@ -169,15 +170,22 @@ def build_report(trainer: Any) -> dict[str, Any]:
     from cifar_dist.train.common import build_model  # train imports parallel, not vice versa
 
     dims, info, cfg = trainer.dims, trainer.info, trainer.cfg
-    mine = {"rank": info.rank, **dims.coords(info.rank)._asdict(), **local_params(trainer.model)}
+    counts = local_params(trainer.model)
+    held = getattr(trainer, "ds_module", trainer.model)  # DeepSpeed pipe: this stage's module
+    if held is not trainer.model:
+        counts.update({k: v for k, v in local_params(held).items() if k != "total"})
+    mine = {"rank": info.rank, **dims.coords(info.rank)._asdict(), **counts}
     ranks = _gather(mine)
     whole = build_model(cfg, torch.device("meta"))  # unsplit, shapes only
     plan = getattr(trainer, "plan", None)
     bounds = plan.bounds if plan is not None and dims.pp > 1 else None
     elem = torch.finfo(trainer.dtype).bits // 8 if trainer.dtype.is_floating_point else 4
     per_rank_batch = cfg.data.batch_size / dims.dp
+    mesh = _mesh(trainer)
+    if mesh.get("zero_stage") == 3:  # ZeRO-3 moves FSDP's bytes: gather x2 + reduce-scatter
+        dims = dataclasses.replace(dims, dp_mode="fsdp")
     return {
-        "mesh": _mesh(trainer),
+        "mesh": mesh,
         "params_total": ranks[0]["total"],
         "ranks": ranks,
         "pp_stage_bounds": [[r.start, r.stop] for r in bounds] if bounds else None,
