@@ -176,8 +176,7 @@ def build_report(trainer: Any) -> dict[str, Any]:
         counts.update({k: v for k, v in local_params(held).items() if k != "total"})
     mine = {"rank": info.rank, **dims.coords(info.rank)._asdict(), **counts}
     ranks = _gather(mine)
-    with torch.device("meta"):  # unsplit, shapes only: no init compute on every run
-        whole = build_model(cfg, torch.device("meta"))
+    whole = build_model(cfg, torch.device("meta"))  # unsplit, shapes only
     plan = getattr(trainer, "plan", None)
     bounds = plan.bounds if plan is not None and dims.pp > 1 else None
     elem = torch.finfo(trainer.dtype).bits // 8 if trainer.dtype.is_floating_point else 4
