@@ -133,72 +133,18 @@ def worker(argv: list[str]) -> None:
 
 # ----- analytic communication ------------------------------------------------------------------
 def comm_mib(model_name: str, variant: str, batch: int) -> float:
-    """Bytes each rank sends per optimiser step (max over ranks), MiB; fp32."""
-    import torch
-
+    """Bytes each rank sends per optimiser step (max over ranks), MiB; fp32. The formulas are
+    the run report's (cifar_dist/parallel/report.py), so the table and parallel.json agree."""
     from cifar_dist.config.schema import ParallelConfig
     from cifar_dist.models import create_model
-    from cifar_dist.parallel import pipeline
     from cifar_dist.parallel.mesh import ParallelDims
+    from cifar_dist.parallel.report import comm_bytes
 
     ranks, par = VARIANTS[variant]
     pcfg = ParallelConfig(**{k.split(".")[1]: v for k, v in par.items()})
     dims = ParallelDims.from_config(pcfg, ranks)
     model = create_model(model_name, norm="group")
-    params = sum(p.numel() for p in model.parameters())
-    per_rank_batch = batch / dims.dp
-    b = 4.0
-    ring = lambda n: (n - 1) / n  # noqa: E731 - fraction of a buffer each rank sends per pass
-    total = 0.0
-    if dims.pp > 1:
-        bounds = pipeline.stage_bounds(model, dims.pp, [])
-        acts = pipeline.example_activations(model, bounds, torch.zeros(1, 3, 32, 32))
-        inner = [a.numel() for a in acts[1:-1]]  # per sample, at each stage boundary
-        # a middle stage receives one activation and one gradient, and sends as much
-        worst = max(x + y for x, y in zip([0, *inner], [*inner, 0]))
-        total += worst * per_rank_batch * b
-        stage_params = max(
-            sum(p.numel() for i in r for p in model.pipeline_layers()[i].parameters())
-            for r in bounds
-        )
-        total += 2 * ring(dims.dp) * stage_params * b if dims.dp > 1 else 0.0
-    elif dims.tp > 1:
-        if hasattr(model, "blocks") and hasattr(model.blocks[0], "attn"):
-            tokens, dim = model.embed.pos_embed.shape[1:]
-            # 2 all-reduces forward + 2 backward per block (or the same bytes as reduce-scatter
-            # + all-gather pairs under sequence parallel)
-            total += len(model.blocks) * 4 * 2 * ring(dims.tp) * per_rank_batch * tokens * dim * b
-        else:  # CNN: one all-reduce forward (row) + one backward (column) per split pair,
-            # each sending 2 (tp-1)/tp of the activation (reduce-scatter + all-gather phases)
-            total += cnn_tp_elements(model) * 2 * 2 * ring(dims.tp) * per_rank_batch * b
-        if dims.dp > 1:  # FSDP over dp of this rank's 1/tp of the weights (approx.)
-            total += 3 * ring(dims.dp) * params / dims.tp * b
-    elif dims.dp > 1:
-        passes = 3 if dims.dp_mode == "fsdp" else 2  # all-gather x2 + reduce-scatter vs all-reduce
-        total += passes * ring(dims.dp) * params * b
-    return total / 2**20
-
-
-def cnn_tp_elements(model: object) -> int:
-    """Per-sample elements all-reduced by a CNN's tensor-parallel plan in one direction: the
-    output of every row-parallel layer (forward) and, as many, the input gradients of the
-    column-parallel layers (backward; the same activations: whole tensors between pairs)."""
-    import torch
-
-    sizes: dict[str, int] = {}
-    plan = model.tensor_parallel_plan()  # type: ignore[attr-defined]
-    hooks = [
-        model.get_submodule(fqn).register_forward_hook(  # type: ignore[attr-defined]
-            lambda _m, _i, out, fqn=fqn: sizes.__setitem__(fqn, out[0].numel())
-        )
-        for fqn, style in plan.items()
-        if style.startswith("rowwise")
-    ]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, 32, 32))  # type: ignore[operator]
-    for h in hooks:
-        h.remove()
-    return sum(sizes.values())
+    return comm_bytes(model, dims, batch / dims.dp) / 2**20
 
 
 # ----- driver ----------------------------------------------------------------------------------

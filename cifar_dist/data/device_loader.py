@@ -27,7 +27,9 @@ from cifar_dist.data.gpu_augment import (
     AugParams,
     Normalise,
     alternating_flip,
+    apply_global_mix,
     cutout_,
+    draw_global_mix,
     draw_params,
     gather_crop_flip,
     load_store,
@@ -35,9 +37,8 @@ from cifar_dist.data.gpu_augment import (
 )
 from cifar_dist.data.loaders import ArraySplitLike
 
-# Stream tags. _BATCH matches loaders.py, so MixUp/CutMix draw the same lambdas/boxes per
-# (seed, epoch, batch, rank) on both paths.
-_BATCH, _AUG, _FLIP, _RANDAUG = 1, 3, 4, 5
+# Stream tags of mix_seed. _PARTNER: RandAugment of the mixing partners' batch.
+_AUG, _FLIP, _RANDAUG, _MIX, _PARTNER = 3, 4, 5, 6, 7
 
 
 def _labels(labels: np.ndarray, device: torch.device) -> Tensor:
@@ -109,7 +110,11 @@ class DeviceTrainLoader:
         if cfg.randaugment:
             self.randaugment = v2.RandAugment(magnitude=cfg.randaugment_magnitude)
         self.randaugment_group: int = getattr(cfg, "randaugment_group", 16)
-        self.mixer = batch_mixer(cfg, num_classes)
+        # MixUp/CutMix over the global batch (gpu_augment.GlobalMix): world-size invariant.
+        self.mixing = batch_mixer(cfg, num_classes) is not None  # (validates the alphas)
+        self.alphas, self.num_classes = (cfg.mixup_alpha, cfg.cutmix_alpha), num_classes
+        self.global_batch = cfg.batch_size
+        self.accum = cfg.batch_size // (micro_batch * world_size)
         self.epoch, self._start = 0, 0
 
     def __len__(self) -> int:
@@ -127,7 +132,20 @@ class DeviceTrainLoader:
         """This rank's sample indices for the epoch's kept batches and their random parameters."""
         kept = self.num_batches * self.micro
         cpu_idx = shard_indices(self.n, self.seed, epoch, self.rank, self.world)[:kept]
-        idx = cpu_idx.to(self.device)
+        return self._with_params(cpu_idx.to(self.device), epoch)
+
+    def partner_plan(self, epoch: int) -> tuple[Tensor, AugParams]:
+        """The mixing partner of each of this rank's samples (as epoch_plan): the sample before
+        it in its global batch, by global position in the epoch's permutation (rank r of w holds
+        positions r, r + w, ...; a global batch is a block of batch_size positions)."""
+        g = torch.Generator().manual_seed(self.seed + epoch)  # shard_indices' permutation
+        perm = torch.randperm(self.n, generator=g)
+        pos = self.rank + self.world * torch.arange(self.num_batches * self.micro)
+        start = pos // self.global_batch * self.global_batch
+        partner = perm[start + (pos - start - 1) % self.global_batch]
+        return self._with_params(partner.to(self.device), epoch)
+
+    def _with_params(self, idx: Tensor, epoch: int) -> tuple[Tensor, AugParams]:
         # Rank-free: parameters of every sample of the split (dataset order), then this rank's.
         g = torch.Generator(self.device).manual_seed(mix_seed(self.seed, epoch, _AUG))
         n = self.n
@@ -145,26 +163,31 @@ class DeviceTrainLoader:
 
     def _batches(self, start: int, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         idx, params = self.epoch_plan(epoch)
+        pidx, pparams = self.partner_plan(epoch) if self.mixing else (idx, params)
         for b in range(start, self.num_batches):
             sl = slice(b * self.micro, (b + 1) * self.micro)
-            yield self.batch(idx[sl], params[sl], epoch, b)
+            out, labels = self.batch(idx[sl], params[sl], epoch, b)
+            if self.mixing:
+                partner, plabels = self.batch(pidx[sl], pparams[sl], epoch, b, _PARTNER)
+                # one draw per optimiser step, from (seed, epoch, step): the same on every rank
+                mix = draw_global_mix(
+                    *self.alphas, mix_seed(self.seed, epoch, b // self.accum, _MIX)
+                )
+                out, labels = apply_global_mix(mix, out, labels, partner, plabels, self.num_classes)
+            yield out, labels
 
-    def batch(self, idx: Tensor, params: AugParams, epoch: int, b: int) -> tuple[Tensor, Tensor]:
-        """Micro-batch `b` of `epoch` from its sample indices and parameters."""
+    def batch(
+        self, idx: Tensor, params: AugParams, epoch: int, b: int, tag: int = _RANDAUG
+    ) -> tuple[Tensor, Tensor]:
+        """Micro-batch `b` of `epoch` from its sample indices and parameters, unmixed."""
         images = gather_crop_flip(self.store, idx, params).permute(0, 3, 1, 2)  # NCHW view
-        if self.randaugment is not None:
-            with seeded_cpu_rng(mix_seed(self.seed, epoch, b, self.rank, _RANDAUG)):
+        if self.randaugment is not None:  # per (rank, batch): not world-size invariant
+            with seeded_cpu_rng(mix_seed(self.seed, epoch, b, self.rank, tag)):
                 images = randaugment_grouped(images, self.randaugment, self.randaugment_group)
         out = self.norm(images)
         if self.cutout > 0:
             cutout_(out, params.cy, params.cx, self.cutout)
-        labels = self.labels[idx]
-        if self.mixer is not None:
-            # Lambdas/boxes from the CPU RNG seeded per (seed, epoch, batch, rank): resumable, and
-            # the same draws as the DataLoader path; the mixing itself runs on the device.
-            with seeded_cpu_rng(mix_seed(self.seed, epoch, b, self.rank, _BATCH)):
-                out, labels = self.mixer(out, labels)
-        return out, labels
+        return out, self.labels[idx]
 
 
 class DeviceEvalLoader:

@@ -165,3 +165,50 @@ def randaugment_grouped(images: Tensor, transform: v2.RandAugment, group: int) -
     if group >= len(images):
         return transform(images)
     return torch.cat([transform(chunk) for chunk in images.split(group)])
+
+
+@dataclass
+class GlobalMix:
+    """MixUp / CutMix of one global batch, drawn from (seed, epoch, step) only.
+
+    By hand rather than transforms.v2 MixUp/CutMix: those pair within the batch they are given
+    (a rank's micro-batch) and draw one lambda per call, so the mixing would change with the
+    world size. Here every sample is paired with its predecessor in the *global* batch (by
+    global position in the epoch's permutation; v2's roll-by-one order) and one lambda / box is
+    drawn per optimiser step; each rank gathers the partner from the whole-split store.
+    """
+
+    lam: float
+    """Weight of the sample itself; for CutMix 1 - box area / image area."""
+    box: tuple[int, int, int, int] | None
+    """CutMix (y0, y1, x0, x1) pasted from the partner; None for MixUp."""
+
+
+def draw_global_mix(mixup_alpha: float, cutmix_alpha: float, seed: int) -> GlobalMix:
+    """One step's mix (torchvision's semantics: a 50/50 choice when both alphas are > 0)."""
+    g = np.random.default_rng(seed)
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or g.random() < 0.5)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = float(g.beta(alpha, alpha))
+    if not use_cutmix:
+        return GlobalMix(lam, None)
+    cy, cx = int(g.integers(SIZE)), int(g.integers(SIZE))
+    half = int(0.5 * SIZE * np.sqrt(1.0 - lam))
+    y0, y1 = max(cy - half, 0), min(cy + half, SIZE)
+    x0, x1 = max(cx - half, 0), min(cx + half, SIZE)
+    return GlobalMix(1.0 - (y1 - y0) * (x1 - x0) / SIZE**2, (y0, y1, x0, x1))
+
+
+def apply_global_mix(
+    mix: GlobalMix, x: Tensor, y: Tensor, px: Tensor, py: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """Mix normalised NCHW `x` (labels `y`) with its partners `px` (`py`): soft (B, C) labels."""
+    if mix.box is None:
+        x = x.mul(mix.lam).add_(px, alpha=1.0 - mix.lam)
+    else:
+        y0, y1, x0, x1 = mix.box
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = px[:, :, y0:y1, x0:x1]
+    one = torch.nn.functional.one_hot(y, num_classes).float()
+    other = torch.nn.functional.one_hot(py, num_classes).float()
+    return x, one.mul_(mix.lam).add_(other, alpha=1.0 - mix.lam)

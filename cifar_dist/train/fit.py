@@ -19,6 +19,7 @@ from cifar_dist.config.load import config_to_dict, dump_config
 from cifar_dist.config.schema import Config
 from cifar_dist.logging.sinks import MultiSink, Sink, build_sinks
 from cifar_dist.parallel.mesh import ParallelDims
+from cifar_dist.parallel.report import finish_report, start_report
 from cifar_dist.train.common import Preempted, micro_batch_size
 from cifar_dist.train.preemption import clear_markers, write_markers
 from cifar_dist.train.trainer import Trainer
@@ -255,11 +256,13 @@ def _run_training(
                 flush=True,
             )
         start_step = trainer.state.step
+        start_report(trainer, run_dir)  # parallel.json: mesh, per-rank shards, comm (collective)
         try:
             trainer.run()
         except Preempted:  # tell the launcher scripts, whose launcher reports 1 (preemption.py)
             write_markers(run_dir, info.rank, info.local_rank, trainer.state.step)
             raise
+        finish_report(trainer, run_dir)  # + peak memory per rank (collective)
         return _finish(trainer, cfg, run_dir, classes, wall0, sha, start_step)
     finally:
         sink.close()
