@@ -69,7 +69,7 @@ def build_data(
     cfg: Config, dp_rank: int, dp: int, device: torch.device | None = None
 ) -> tuple[Any, dict[str, Any], list[str]]:
     """(train loader, {split: eval loader}, class names) for this data-parallel rank."""
-    from cifar_dist.data import load_splits
+    from cifar_dist.data import load_splits, registry
 
     ensure_synthetic(cfg)
     splits = load_splits(cfg.data)
@@ -82,25 +82,15 @@ def build_data(
         "seed": cfg.train.seed,
         "num_classes": cfg.data.num_classes,
     }
-    if cfg.data.loader == "torch":
-        from cifar_dist.data.loaders import build_loaders
-
-        train, evals = build_loaders(cfg.data, splits, **kwargs)
-        return train, evals, classes
-    device = device or torch.device("cpu")
-    placement = {
-        "device": device,
-        "dtype": torch.float64 if cfg.train.dtype == "float64" else torch.float32,
-        "channels_last": cfg.train.channels_last,
-    }
-    if cfg.data.loader == "device":
-        from cifar_dist.data.device_loader import build_device_loaders
-
-        train, evals = build_device_loaders(cfg.data, splits, **kwargs, **placement)
-    else:
-        from cifar_dist.data.ffcv_loader import build_ffcv_loaders
-
-        train, evals = build_ffcv_loaders(cfg.data, splits, **kwargs, **placement)
+    train, evals = registry.build(
+        cfg.data.loader,
+        cfg.data,
+        splits,
+        device=device or torch.device("cpu"),
+        dtype=torch.float64 if cfg.train.dtype == "float64" else torch.float32,
+        channels_last=cfg.train.channels_last,
+        **kwargs,
+    )
     return train, evals, classes
 
 
