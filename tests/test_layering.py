@@ -35,3 +35,32 @@ def test_loaders_come_from_the_registry() -> None:
     assert loaders.list_loaders() == ["device", "ffcv", "torch"]
     fit_src = (PKG / "train" / "fit.py").read_text()
     assert "build_device_loaders" not in fit_src and "build_ffcv_loaders" not in fit_src
+
+
+def _model_classes() -> set[str]:
+    names: set[str] = set()
+    for path in (PKG / "models").glob("*.py"):
+        if path.name in ("registry.py", "__init__.py"):  # the contract, not a model
+            continue
+        tree = ast.parse(path.read_text())
+        names.update(n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef))
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "parallel").glob("*.py")), ids=lambda p: p.name)
+def test_parallel_names_no_model_class(path: Path) -> None:
+    """TP and pipeline plans come from the models (tensor_parallel_plan, pipeline_layers):
+    parallel/ neither imports a model module nor names a model class, even as a string."""
+    classes = _model_classes()
+    assert {"VisionTransformer", "ResNet", "AirbenchNet"} <= classes
+    mods = {m for m in _imports(path) if m.startswith("cifar_dist.models")}
+    assert mods <= {"cifar_dist.models.registry"}, mods
+    used = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name):
+            used.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            used.add(node.attr)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            used.add(node.value)
+    assert not used & classes, f"{path.name} names {sorted(used & classes)}"
