@@ -165,7 +165,6 @@ def test_pipeline_config_errors_name_the_key(tmp_path: Path) -> None:
         "parallel.microbatches": {"parallel.pp": 4, "parallel.microbatches": 2},
         "train.grad_accum": {"parallel.pp": 2, "train.grad_accum": 2},
         "parallel.tp": {"parallel.pp": 2, "parallel.tp": 2},
-        "train.ema_decay": {"parallel.pp": 2, "train.ema_decay": 0.9},
     }
     for key, over in cases.items():
         with pytest.raises(ConfigError, match=f"^{key}: "):

@@ -38,11 +38,6 @@ def check_deepspeed(cfg: Config) -> None:
         )
     if train.amp != "none" and train.dtype == "float64":
         raise ConfigError("train.amp: mixed precision and train.dtype=float64 exclude each other")
-    if train.ema_decay > 0:
-        raise ConfigError(
-            "train.ema_decay: EMA is not available with engine=deepspeed (DeepSpeed owns the "
-            "weights; ZeRO-3 and the pipeline engine keep only a shard on each rank)"
-        )
     if train.compile:
         raise ConfigError("train.compile: not available with engine=deepspeed in this version")
     if par.pp > 1 and cfg.model.norm == "sync_batch":

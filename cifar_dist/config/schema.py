@@ -521,27 +521,16 @@ class Config:
             "model.whiten_bias_epochs",
             "needs model.whiten_init > 0",
         )
-        _check(
-            not (
-                (self.model.whiten_init > 0 or self.train.lookahead_every > 0)
-                and (
-                    self.parallel.tp > 1 or self.parallel.pp > 1 or self.parallel.engine != "torch"
-                )
-            ),
-            "model.whiten_init / train.lookahead_every",
-            "available with torch data parallelism only (parallel.tp = pp = 1, engine=torch)",
-        )
+        # Recipe options (EMA, Lookahead, whitening stem, ...) x backend: one check, in one
+        # place, each callback naming the backends it cannot run with and why.
+        from cifar_dist.train.callbacks import validate
+
+        validate(self)
         if self.parallel.engine == "deepspeed":
             from cifar_dist.config.deepspeed_checks import check_deepspeed
 
             check_deepspeed(self)
             return
-        mesh = self.parallel.tp > 1 or self.parallel.pp > 1
-        _check(
-            not (mesh and self.train.ema_decay > 0),
-            "train.ema_decay",
-            "EMA is not supported with parallel.tp > 1 or parallel.pp > 1",
-        )
         pp = self.parallel.pp > 1
         _check(
             not (pp and self.train.grad_accum > 1),

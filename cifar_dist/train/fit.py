@@ -175,11 +175,6 @@ def preemption_handlers() -> Iterator[list[Any]]:
 
 def trainer_class(cfg: Config, dims: ParallelDims) -> type[Trainer]:
     """The training strategy for this layout: a Trainer subclass overrides its hooks."""
-    from cifar_dist.train.fast_trainer import FastTrainer, check_layout, uses_fast_trainer
-
-    if uses_fast_trainer(cfg):  # whitening stem / Lookahead (airbench recipe options)
-        check_layout(cfg, dims)
-        return FastTrainer
     if cfg.parallel.engine == "deepspeed":
         from cifar_dist.train.deepspeed_trainer import deepspeed_trainer_class
 

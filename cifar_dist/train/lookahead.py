@@ -44,13 +44,15 @@ class Lookahead:
         return self.decay**self.every * min(step / self.total, 1.0) ** self.pow
 
     @staticmethod
-    def _float_state(model: nn.Module) -> dict[str, Tensor]:
+    def _float_state(model: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
         # keep_vars: the live parameter/buffer tensors, so copy_/lerp_ act on the model itself.
-        state = model.state_dict(keep_vars=True)
+        # A dict is such a live state already (a pipeline rank's stages, under full names).
+        # DTensors (tp, fsdp) average shard by shard: the update is elementwise.
+        state = model.state_dict(keep_vars=True) if isinstance(model, nn.Module) else model
         return {k: v for k, v in state.items() if torch.is_floating_point(v)}
 
     @torch.no_grad()
-    def step(self, model: nn.Module, step: int) -> bool:
+    def step(self, model: nn.Module | dict[str, Tensor], step: int) -> bool:
         """Call after optimiser step `step` (1-based); returns True when it averaged."""
         if step <= self.start_step or step % self.every:
             return False
@@ -66,7 +68,7 @@ class Lookahead:
         return True
 
     @torch.no_grad()
-    def sync(self, model: nn.Module) -> None:
+    def sync(self, model: nn.Module | dict[str, Tensor]) -> None:
         """fast = slow (no new average); a no-op before the first averaging step."""
         if self.slow is None:
             return

@@ -127,6 +127,14 @@ class PipelineTrainer(MeshTrainer):
             for prefix, layer in zip(prefixes, mod.layers)
         ]
 
+    def live_state(self) -> dict[str, torch.Tensor]:
+        # The layers of other stages are on the meta device: this rank's own, full names.
+        return {
+            prefix + k: v
+            for prefix, layer in self._held_layers()
+            for k, v in layer.state_dict(keep_vars=True).items()
+        }
+
     def model_optim_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
         # This rank's stages only, under the full model's names (other layers are on meta).
         model = {
@@ -150,6 +158,9 @@ class PipelineTrainer(MeshTrainer):
         state = self.state_dict()  # collective: gathers every rank's RNG and counters
         step, ckpt_dir = self.state.step, self.run_dir / "checkpoints"
         shard = {"model": state.pop("model"), "optimizer": state.pop("optimizer")}
+        for cb in self.callbacks:  # EMA / Lookahead state of this rank's stages
+            if cb.key:
+                shard[cb.key] = state.pop(cb.key)
         shard["stage_ids"] = self.plan.stage_ids
         if self.dims.coords(self.info.rank).dp == 0:  # one writer per pipeline rank
             save_checkpoint(shard, ckpt_dir / f"pp{self.pp_rank}", step)
@@ -168,8 +179,9 @@ class PipelineTrainer(MeshTrainer):
                 f"train.resume: the checkpoint's pipeline layout {layout} differs from this "
                 f"run's {self._layout()} (evaluate it with `cifar-dist eval` instead)"
             )
-        optim = ckpt["shard_states"][self.pp_rank]["optimizer"]
-        super().load_state_dict({**ckpt, "optimizer": optim})
+        shard = ckpt["shard_states"][self.pp_rank]
+        mine = {cb.key: shard.get(cb.key) for cb in self.callbacks if cb.key}
+        super().load_state_dict({**ckpt, "optimizer": shard["optimizer"], **mine})
 
 
 class PipelineForward(nn.Module):
