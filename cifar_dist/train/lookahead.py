@@ -21,6 +21,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: Tensor) -> Tensor:
+    # A DTensor's local shard (a view): foreach kernels refuse lists mixing DTensors and plain
+    # tensors, and the update is elementwise.
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class Lookahead:
@@ -60,7 +67,10 @@ class Lookahead:
         if self.slow is None:
             self.slow = {k: v.detach().clone() for k, v in fast.items()}
             return True
-        slow, live = [self.slow[k] for k in fast], [v.detach() for v in fast.values()]
+        slow, live = (
+            [_local(self.slow[k]) for k in fast],
+            [_local(v.detach()) for v in fast.values()],
+        )
         # One fused kernel per op over all tensors (what torch's optimisers use): on a GPU a
         # Python loop of ~30 small lerp/copy launches would cost more than the math.
         torch._foreach_lerp_(slow, live, 1.0 - self.rho(step))
@@ -73,7 +83,8 @@ class Lookahead:
         if self.slow is None:
             return
         fast = self._float_state(model)
-        torch._foreach_copy_([v.detach() for v in fast.values()], [self.slow[k] for k in fast])
+        live = [_local(v.detach()) for v in fast.values()]
+        torch._foreach_copy_(live, [_local(self.slow[k]) for k in fast])
 
     def state_dict(self) -> dict[str, object]:
         return {"slow": self.slow}

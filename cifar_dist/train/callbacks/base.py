@@ -67,6 +67,13 @@ class Callback:
         pass
 
 
+def local(t: Tensor) -> Tensor:
+    """This rank's part of a tensor (a view: in-place updates reach the live tensor). Foreach
+    kernels refuse lists that mix DTensors and plain tensors, and the updates here are
+    elementwise, so they run on the local shards."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def to_full(t: Tensor) -> Tensor:
     """A checkpointable plain tensor: a DTensor's shards gathered (collective)."""
     return t.full_tensor() if isinstance(t, DTensor) else t

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from cifar_dist.train.callbacks.base import Callback, like_live, swap_into, to_full
+from cifar_dist.train.callbacks.base import Callback, like_live, local, swap_into, to_full
 
 if TYPE_CHECKING:
     from cifar_dist.train.trainer import Trainer
@@ -45,7 +45,8 @@ class EMA(Callback):
     def after_step(self, trainer: Trainer, step: int) -> None:
         live = trainer.live_state()
         floats = [k for k, v in self.avg.items() if torch.is_floating_point(v)]
-        avg, cur = [self.avg[k] for k in floats], [live[k].detach() for k in floats]
+        avg = [local(self.avg[k]) for k in floats]
+        cur = [local(live[k].detach()) for k in floats]
         if self.n_averaged == 0:
             torch._foreach_copy_(avg, cur)
         else:
