@@ -64,3 +64,62 @@ def test_deepspeed_refusals_say_why() -> None:
     for key, value in (("train.ema_decay", 0.9), ("train.lookahead_every", 2)):
         with pytest.raises(ConfigError, match=rf"^{key}: .*DeepSpeed"):
             load_config(None, {"parallel.engine": "deepspeed", key: value})
+
+
+@pytest.mark.distributed
+def test_tp2_pp2_vit_with_ema_and_lookahead_matches_single_process(runs: Runs) -> None:
+    """tp x pp on the 3-D mesh: each of 2 pipeline stages split over 2 tensor-parallel ranks
+    (4 gloo ranks) with the declared ViT plan applied stage by stage; EMA and Lookahead on."""
+    recipe = {k: v for k, v in RECIPE.items() if not k.startswith("model.whiten")}
+    single = runs.single("vit_nano", **recipe)
+    layout = {"parallel.tp": 2, "parallel.pp": 2}
+    other = runs.torchrun(4, "vit_tp2pp2", "vit_nano", **recipe, **layout)
+    assert_same_run(single, other)
+    a, b = _ema(single), _ema(other)
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], atol=1e-8, rtol=0, msg=k)
+    # The pipeline split: each pipeline rank's shard file holds only its stage's layers (the
+    # tensor-parallel split of a stage: test_tp_plan_applies_stage_by_stage).
+    shards = load_checkpoint(other / "checkpoints/last.pt")["shard_states"]
+    k0, k1 = (set(s["model"]) for s in shards)
+    whole = load_checkpoint(single / "checkpoints/last.pt")["model"]
+    assert k0 and k1 and not k0 & k1 and k0 | k1 == set(whole)
+
+
+def test_tp_plan_applies_stage_by_stage() -> None:
+    """pp rank 0 of a tp2 x pp2 ViT: its stage carries the model's plan renamed to the stage's
+    layers, and parallelize() shards exactly those (local shapes halved), on a fake 4-rank
+    process group (no communication: placements and shapes only)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from cifar_dist.models import create_model
+    from cifar_dist.parallel.mesh import ParallelDims
+    from cifar_dist.parallel.parallelize import parallelize
+    from cifar_dist.parallel.pipeline import plan_pipeline
+
+    cfg = load_config(None, {"model.name": "vit_nano", "parallel.tp": 2, "parallel.pp": 2})
+    dist.init_process_group("fake", rank=0, world_size=4, store=FakeStore())
+    try:
+        dims = ParallelDims.from_config(cfg.parallel, 4, "cpu")
+        plan = plan_pipeline(
+            create_model("vit_nano"), 0, 2, cfg.parallel, torch.zeros(4, 3, 32, 32)
+        )
+        stage = plan.modules[0]
+        styles = stage.tensor_parallel_plan()
+        assert (
+            styles["layers.1.attn.q"] == "colwise" and styles["layers.1.mlp.fc2"] == "rowwise_seq"
+        )
+        assert not any(k.startswith(f"layers.{len(stage.layers)}") for k in styles)
+        parallelize(stage, dims, cfg, torch.device("cpu"))
+        q = stage.layers[1].attn.q.weight
+        fc2 = stage.layers[1].mlp.fc2.weight
+        assert isinstance(q, DTensor) and q.placements == (Shard(0),)
+        assert q.to_local().shape[0] * 2 == q.shape[0]
+        assert fc2.placements == (Shard(1),) and fc2.to_local().shape[1] * 2 == fc2.shape[1]
+        assert not isinstance(stage.layers[0].patch.weight, DTensor)  # the embedding: whole
+    finally:
+        dist.destroy_process_group()

@@ -423,7 +423,12 @@ class ParallelConfig:
                 "parallel.microbatches",
                 f"interleaved_1f1b needs a multiple of {rounds} (rounds of pp micro-batches)",
             )
-        _check(self.tp == 1, "parallel.tp", "tp > 1 together with pp > 1 is not supported")
+        _check(
+            not (self.tp > 1 and self.sequence_parallel),
+            "parallel.sequence_parallel",
+            "not available with pp > 1 (pipeline stages exchange whole activations; sequence "
+            "parallelism leaves them token-sharded between layers)",
+        )
         _check(
             self.dp_mode != "fsdp",
             "parallel.dp_mode",

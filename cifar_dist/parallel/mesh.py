@@ -54,6 +54,12 @@ class ParallelDims:
             raise ConfigError(
                 f"parallel: dp*tp*pp = {dp}*{tp}*{pp} = {dp * tp * pp} != world size {world_size}"
             )
+        if pp > 1 and tp > 1 and dp > 1:
+            raise ConfigError(
+                f"parallel.dp: {dp} replicas of a tp x pp layout are not built (tensor-parallel "
+                "weights need FSDP2 over dp, which is not applied under pipeline stages here); "
+                "use dp = 1 with tp and pp, or drop tp or pp"
+            )
         mode = cfg.dp_mode
         if mode == "auto":
             mode = "fsdp" if tp > 1 else "ddp"

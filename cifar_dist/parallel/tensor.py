@@ -40,9 +40,10 @@ from cifar_dist.parallel.channel_tp import ConvColwiseParallel, ConvRowwiseParal
 
 def _plan_of(model: nn.Module) -> dict[str, str]:
     plan_fn = getattr(model, "tensor_parallel_plan", None)
-    if plan_fn is None:
+    plan = plan_fn() if plan_fn is not None else None
+    if plan is None:
         raise ConfigError(f"parallel.tp: no tensor-parallel plan for {type(model).__name__}")
-    return plan_fn()
+    return plan
 
 
 def _check_module(fqn: str, module: nn.Module, style: str, tp: int) -> None:
