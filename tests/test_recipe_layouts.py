@@ -1,5 +1,6 @@
 """Recipe callbacks (whitening stem + bias freeze, EMA, Lookahead) under tensor and pipeline
-parallelism, which refused them before: 2 gloo ranks against one process with the same options."""
+parallelism, which refused them before, and FSDP2 (which the old recipe trainer silently left
+without full-state checkpoints): 2 gloo ranks against one process with the same options."""
 
 from __future__ import annotations
 
@@ -38,8 +39,12 @@ def _ema(run: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("name", "layout"),
-    [("tp2", {"parallel.tp": 2}), ("pp2", {"parallel.pp": 2})],
-    ids=["tp2", "pp2"],
+    [
+        ("tp2", {"parallel.tp": 2}),
+        ("pp2", {"parallel.pp": 2}),
+        ("fsdp2", {"parallel.dp_mode": "fsdp"}),
+    ],
+    ids=["tp2", "pp2", "fsdp2"],
 )
 def test_recipe_callbacks_match_single_process(
     runs: Runs, name: str, layout: dict[str, object]
