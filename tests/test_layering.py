@@ -64,3 +64,25 @@ def test_parallel_names_no_model_class(path: Path) -> None:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             used.add(node.value)
     assert not used & classes, f"{path.name} names {sorted(used & classes)}"
+
+
+@pytest.mark.parametrize(
+    ("over", "world", "expected"),
+    [
+        ({}, 1, "Trainer"),
+        ({"parallel.dp_mode": "fsdp"}, 2, "MeshTrainer"),
+        ({"parallel.tp": 2}, 2, "MeshTrainer"),
+        ({"parallel.pp": 2}, 2, "PipelineTrainer"),
+        ({"parallel.pp": 2, "parallel.tp": 2}, 4, "PipelineTrainer"),
+        ({"parallel.engine": "deepspeed"}, 2, "DeepSpeedTrainer"),
+    ],
+)
+def test_backend_registry_picks_the_layout(over: dict, world: int, expected: str) -> None:
+    from cifar_dist.config import load_config
+    from cifar_dist.parallel.mesh import ParallelDims
+    from cifar_dist.train.backends import list_backends, trainer_for
+
+    assert list_backends() == ["deepspeed", "pipeline", "torch"]
+    cfg = load_config(None, over)
+    dims = ParallelDims.from_config(cfg.parallel, world, "cpu")
+    assert trainer_for(cfg, dims).__name__ == expected

@@ -174,20 +174,10 @@ def preemption_handlers() -> Iterator[list[Any]]:
 
 
 def trainer_class(cfg: Config, dims: ParallelDims) -> type[Trainer]:
-    """The training strategy for this layout: a Trainer subclass overrides its hooks."""
-    if cfg.parallel.engine == "deepspeed":
-        from cifar_dist.train.deepspeed_trainer import deepspeed_trainer_class
+    """The training backend for this layout (registry: cifar_dist/train/backends.py)."""
+    from cifar_dist.train.backends import trainer_for
 
-        return deepspeed_trainer_class(dims)
-    if dims.pp > 1:
-        from cifar_dist.train.pipeline_trainer import PipelineTrainer
-
-        return PipelineTrainer
-    if dims.uses_mesh:
-        from cifar_dist.train.mesh_trainer import MeshTrainer
-
-        return MeshTrainer
-    return Trainer
+    return trainer_for(cfg, dims)
 
 
 def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dict[str, Any]:
