@@ -12,12 +12,15 @@ import torch
 
 from cifar_dist.config import load_config
 from cifar_dist.config.schema import ConfigError
+from cifar_dist.train.callbacks.base import like_live
 from cifar_dist.train.checkpoint import load_checkpoint
 from tests.parallel_helpers import (
     Runs,
     assert_same_run,
+    overrides,
     runs_fixture,  # noqa: F401  (the `runs` fixture)
 )
+from tests.test_distributed import cli_args, run_torchrun
 
 # 150 training images / 16 = 9 steps per epoch: the 10 steps cross an epoch end (Lookahead
 # syncs, EMA weights are evaluated), the stem's bias freezes at step 3, Lookahead averages at
@@ -74,11 +77,25 @@ def test_deepspeed_refusals_say_why() -> None:
 @pytest.mark.distributed
 def test_tp2_pp2_vit_with_ema_and_lookahead_matches_single_process(runs: Runs) -> None:
     """tp x pp on the 3-D mesh: each of 2 pipeline stages split over 2 tensor-parallel ranks
-    (4 gloo ranks) with the declared ViT plan applied stage by stage; EMA and Lookahead on."""
+    (4 gloo ranks) with the declared ViT plan applied stage by stage; EMA and Lookahead on.
+    Stopped after 5 steps (mid-epoch, after Lookahead's first average) and resumed: the shards'
+    full tensors re-sharded into the DTensor weights, optimiser state, EMA and Lookahead."""
     recipe = {k: v for k, v in RECIPE.items() if not k.startswith("model.whiten")}
     single = runs.single("vit_nano", **recipe)
     layout = {"parallel.tp": 2, "parallel.pp": 2}
-    other = runs.torchrun(4, "vit_tp2pp2", "vit_nano", **recipe, **layout)
+    other = runs.torchrun(4, "vit_tp2pp2", "vit_nano", **recipe, **layout, **{"train.max_steps": 5})
+    over = overrides(
+        runs.data,
+        runs.root,
+        "vit_tp2pp2",
+        "vit_nano",
+        **recipe,
+        **layout,
+        **{"train.resume": "auto"},
+    )
+    proc = run_torchrun(4, "train", *cli_args(over), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed at epoch 1, step 5" in proc.stdout + proc.stderr
     assert_same_run(single, other)
     a, b = _ema(single), _ema(other)
     assert a.keys() == b.keys()
@@ -126,5 +143,8 @@ def test_tp_plan_applies_stage_by_stage() -> None:
         assert q.to_local().shape[0] * 2 == q.shape[0]
         assert fc2.placements == (Shard(1),) and fc2.to_local().shape[1] * 2 == fc2.shape[1]
         assert not isinstance(stage.layers[0].patch.weight, DTensor)  # the embedding: whole
+        # A checkpoint's full tensor goes back as this rank's (tp rank 0's) shard.
+        full = torch.arange(q.numel(), dtype=q.dtype).view(q.shape)
+        torch.testing.assert_close(like_live(full, q).to_local(), full.chunk(2, dim=0)[0])
     finally:
         dist.destroy_process_group()
