@@ -27,8 +27,6 @@ def check_deepspeed(cfg: Config) -> None:
             "parallel.pp_split: engine=deepspeed cuts its pipeline by deepspeed.partition; "
             "pp_split is for engine=torch"
         )
-    if par.tp > 1:
-        raise ConfigError("parallel.tp: tensor parallelism is not available with engine=deepspeed")
     if train.dtype == "float64" and (ds.zero_stage not in (1, 2) or par.pp > 1):
         # Measured with deepspeed 0.19: stage 0 asserts "unsupported grad type: torch.float64",
         # ZeRO-3 allows only half/bfloat16/float, the pipeline engine is untested with float64.

@@ -377,6 +377,9 @@ class ParallelConfig:
         _check(self.dp == -1 or self.dp >= 1, "parallel.dp", "must be >= 1 or -1 (auto)")
         _check(self.tp >= 1, "parallel.tp", "must be >= 1")
         _check(self.pp >= 1, "parallel.pp", "must be >= 1")
+        from cifar_dist.parallel.mesh import validate_tp  # every tp combination, in one place
+
+        validate_tp(self, self.dp)
         _check(self.bucket_cap_mb > 0, "parallel.bucket_cap_mb", "must be > 0")
         _check(self.microbatches >= 1, "parallel.microbatches", "must be >= 1")
         _check(self.stages_per_rank >= 1, "parallel.stages_per_rank", "must be >= 1")
@@ -423,12 +426,6 @@ class ParallelConfig:
                 "parallel.microbatches",
                 f"interleaved_1f1b needs a multiple of {rounds} (rounds of pp micro-batches)",
             )
-        _check(
-            not (self.tp > 1 and self.sequence_parallel),
-            "parallel.sequence_parallel",
-            "not available with pp > 1 (pipeline stages exchange whole activations; sequence "
-            "parallelism leaves them token-sharded between layers)",
-        )
         _check(
             self.dp_mode != "fsdp",
             "parallel.dp_mode",
