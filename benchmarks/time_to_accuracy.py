@@ -9,7 +9,7 @@ Every run goes through `fit(cfg)` in this one process (so what is timed is what 
 `test_acc` when the data has a test split (the canonical CIFAR files), else `val_acc`, with the
 config's TTA. Times per run:
 
-- train_s: the training loops. On CUDA, FastTrainer measures them with CUDA events (device
+- train_s: the training loops. On CUDA, the trainer measures them with CUDA events (device
   time); otherwise host perf_counter (exact on CPU, where every step synchronises).
 - wall_s: the whole fit() call (data set-up, whitening fit, evaluation, checkpoints included).
 

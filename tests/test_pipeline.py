@@ -164,8 +164,11 @@ def test_pipeline_config_errors_name_the_key(tmp_path: Path) -> None:
         "parallel.split_points": {"parallel.pp": 2, "parallel.split_points": [2, 4]},
         "parallel.microbatches": {"parallel.pp": 4, "parallel.microbatches": 2},
         "train.grad_accum": {"parallel.pp": 2, "train.grad_accum": 2},
-        "parallel.tp": {"parallel.pp": 2, "parallel.tp": 2},
-        "train.ema_decay": {"parallel.pp": 2, "train.ema_decay": 0.9},
+        "parallel.sequence_parallel": {
+            "parallel.pp": 2,
+            "parallel.tp": 2,
+            "parallel.sequence_parallel": True,
+        },
     }
     for key, over in cases.items():
         with pytest.raises(ConfigError, match=f"^{key}: "):

@@ -27,8 +27,6 @@ def check_deepspeed(cfg: Config) -> None:
             "parallel.pp_split: engine=deepspeed cuts its pipeline by deepspeed.partition; "
             "pp_split is for engine=torch"
         )
-    if par.tp > 1:
-        raise ConfigError("parallel.tp: tensor parallelism is not available with engine=deepspeed")
     if train.dtype == "float64" and (ds.zero_stage not in (1, 2) or par.pp > 1):
         # Measured with deepspeed 0.19: stage 0 asserts "unsupported grad type: torch.float64",
         # ZeRO-3 allows only half/bfloat16/float, the pipeline engine is untested with float64.
@@ -38,11 +36,6 @@ def check_deepspeed(cfg: Config) -> None:
         )
     if train.amp != "none" and train.dtype == "float64":
         raise ConfigError("train.amp: mixed precision and train.dtype=float64 exclude each other")
-    if train.ema_decay > 0:
-        raise ConfigError(
-            "train.ema_decay: EMA is not available with engine=deepspeed (DeepSpeed owns the "
-            "weights; ZeRO-3 and the pipeline engine keep only a shard on each rank)"
-        )
     if train.compile:
         raise ConfigError("train.compile: not available with engine=deepspeed in this version")
     if par.pp > 1 and cfg.model.norm == "sync_batch":

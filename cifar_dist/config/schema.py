@@ -377,6 +377,9 @@ class ParallelConfig:
         _check(self.dp == -1 or self.dp >= 1, "parallel.dp", "must be >= 1 or -1 (auto)")
         _check(self.tp >= 1, "parallel.tp", "must be >= 1")
         _check(self.pp >= 1, "parallel.pp", "must be >= 1")
+        from cifar_dist.parallel.mesh import validate_tp  # every tp combination, in one place
+
+        validate_tp(self, self.dp)
         _check(self.bucket_cap_mb > 0, "parallel.bucket_cap_mb", "must be > 0")
         _check(self.microbatches >= 1, "parallel.microbatches", "must be >= 1")
         _check(self.stages_per_rank >= 1, "parallel.stages_per_rank", "must be >= 1")
@@ -423,7 +426,6 @@ class ParallelConfig:
                 "parallel.microbatches",
                 f"interleaved_1f1b needs a multiple of {rounds} (rounds of pp micro-batches)",
             )
-        _check(self.tp == 1, "parallel.tp", "tp > 1 together with pp > 1 is not supported")
         _check(
             self.dp_mode != "fsdp",
             "parallel.dp_mode",
@@ -525,27 +527,16 @@ class Config:
             "model.whiten_bias_epochs",
             "needs model.whiten_init > 0",
         )
-        _check(
-            not (
-                (self.model.whiten_init > 0 or self.train.lookahead_every > 0)
-                and (
-                    self.parallel.tp > 1 or self.parallel.pp > 1 or self.parallel.engine != "torch"
-                )
-            ),
-            "model.whiten_init / train.lookahead_every",
-            "available with torch data parallelism only (parallel.tp = pp = 1, engine=torch)",
-        )
+        # Recipe options (EMA, Lookahead, whitening stem, ...) x backend: one check, in one
+        # place, each callback naming the backends it cannot run with and why.
+        from cifar_dist.train.callbacks import validate
+
+        validate(self)
         if self.parallel.engine == "deepspeed":
             from cifar_dist.config.deepspeed_checks import check_deepspeed
 
             check_deepspeed(self)
             return
-        mesh = self.parallel.tp > 1 or self.parallel.pp > 1
-        _check(
-            not (mesh and self.train.ema_decay > 0),
-            "train.ema_decay",
-            "EMA is not supported with parallel.tp > 1 or parallel.pp > 1",
-        )
         pp = self.parallel.pp > 1
         _check(
             not (pp and self.train.grad_accum > 1),

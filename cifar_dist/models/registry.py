@@ -54,7 +54,26 @@ def create_model(name: str, num_classes: int = 10, **kwargs: object) -> nn.Modul
 #                  all-reduced, so the output is whole
 #   rowwise_whole  linear: input features split from a whole (replicated) input
 #   split_norm     BatchNorm2d/GroupNorm between a colwise and a rowwise layer (local stats)
-TP_STYLES = ("colwise", "rowwise", "rowwise_whole", "split_norm")
+# Sequence parallelism (transformers, parallel.sequence_parallel; the seq_* entries are
+# dropped without it, and rowwise_seq is plain rowwise):
+#   rowwise_seq       linear: rowwise whose output is reduce-scattered along the tokens
+#   seq_norm          LayerNorm on a token shard
+#   seq_gather        module whose input is all-gathered from token shards
+#   seq_gather_local  the same, the module then sees a plain tensor (a non-parallel head)
+#   seq_scatter       module whose (whole) output is split into token shards
+# A model may also define `tensor_parallel_divisors() -> {"the ... {} heads": count}`: counts
+# tp must divide that are not layer widths (attention heads).
+TP_STYLES = (
+    "colwise",
+    "rowwise",
+    "rowwise_whole",
+    "split_norm",
+    "rowwise_seq",
+    "seq_norm",
+    "seq_gather",
+    "seq_gather_local",
+    "seq_scatter",
+)
 TensorParallelPlan = dict[str, str]
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import PipelineModel, register_model
+from .registry import PipelineModel, TensorParallelPlan, register_model
 
 IMAGE_SIZE = 32
 PATCH_SIZE = 4  # 32x32 -> 8x8 = 64 tokens
@@ -144,6 +144,34 @@ class VisionTransformer(PipelineModel):
 
     def pipeline_layers(self) -> list[nn.Module]:
         return [self.embed, *self.blocks, self.head]
+
+    def tensor_parallel_plan(self) -> TensorParallelPlan:
+        """Megatron-style: q, k, v and mlp.fc1 column-wise (heads and hidden units split),
+        attn.proj and mlp.fc2 row-wise (one all-reduce each). The seq_* entries apply only
+        with parallel.sequence_parallel: the residual stream and LayerNorms sharded along the
+        tokens, gathered before attention / MLP / head, scattered after the embedding."""
+        plan: TensorParallelPlan = {"embed": "seq_scatter", "head": "seq_gather_local"}
+        for i in range(len(self.blocks)):
+            p = f"blocks.{i}."
+            plan.update(
+                {
+                    p + "attn.q": "colwise",
+                    p + "attn.k": "colwise",
+                    p + "attn.v": "colwise",
+                    p + "attn.proj": "rowwise_seq",
+                    p + "mlp.fc1": "colwise",
+                    p + "mlp.fc2": "rowwise_seq",
+                    p + "norm1": "seq_norm",
+                    p + "norm2": "seq_norm",
+                    p + "attn": "seq_gather",
+                    p + "mlp": "seq_gather",
+                }
+            )
+        return plan
+
+    def tensor_parallel_divisors(self) -> dict[str, int]:
+        """Counts tp must divide, besides the widths of the planned layers."""
+        return {"the ViT's {} attention heads": self.blocks[0].attn.num_heads}
 
 
 @register_model("vit_tiny")

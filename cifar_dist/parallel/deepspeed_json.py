@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_dist.config.schema import Config, ConfigError
-from cifar_dist.train.optim import scaled_lr
+from cifar_dist.utils.lr import scaled_lr
 
 # DeepSpeed key path -> the project key that sets it.
 OWNED: dict[str, str] = {

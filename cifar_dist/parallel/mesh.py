@@ -30,6 +30,33 @@ class Coords(NamedTuple):
     tp: int
 
 
+def validate_tp(cfg: ParallelConfig, dp: int = -1) -> None:
+    """Every layout check on parallel.tp, in one place: at config load (dp = -1 when the world
+    size decides it) and again with the resolved dp. Model-dependent checks (heads, channel
+    widths, GroupNorm groups) are tensor.check_tp's, on the built model."""
+    tp, pp = cfg.tp, cfg.pp
+    if tp == 1:
+        return
+    if cfg.engine == "deepspeed":
+        raise ConfigError("parallel.tp: tensor parallelism is not available with engine=deepspeed")
+    if pp > 1 and cfg.sequence_parallel:
+        raise ConfigError(
+            "parallel.sequence_parallel: not available with pp > 1 (pipeline stages exchange "
+            "whole activations; sequence parallelism leaves them token-sharded between layers)"
+        )
+    if pp > 1 and dp > 1:
+        raise ConfigError(
+            f"parallel.dp: {dp} replicas of a tp x pp layout are not built (tensor-parallel "
+            "weights need FSDP2 over dp, which is not applied under pipeline stages here); "
+            "use dp = 1 with tp and pp, or drop tp or pp"
+        )
+    if cfg.dp_mode == "ddp" and dp > 1:
+        raise ConfigError(
+            "parallel.dp_mode: ddp cannot replicate tensor-parallel (DTensor) parameters; "
+            "use fsdp (or auto) with tp > 1"
+        )
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     dp: int
@@ -54,14 +81,10 @@ class ParallelDims:
             raise ConfigError(
                 f"parallel: dp*tp*pp = {dp}*{tp}*{pp} = {dp * tp * pp} != world size {world_size}"
             )
+        validate_tp(cfg, dp)
         mode = cfg.dp_mode
         if mode == "auto":
             mode = "fsdp" if tp > 1 else "ddp"
-        if mode == "ddp" and tp > 1 and dp > 1:
-            raise ConfigError(
-                "parallel.dp_mode: ddp cannot replicate tensor-parallel (DTensor) parameters; "
-                "use fsdp (or auto) with tp > 1"
-            )
         return cls(
             dp=dp, tp=tp, pp=pp, world_size=world_size, dp_mode=mode, device_type=device_type
         )

@@ -144,9 +144,22 @@ class _Contiguous(torch.autograd.Function):
 class StageModule(nn.Module):
     """A contiguous run of pipeline layers; its forward is their composition (as the model's)."""
 
-    def __init__(self, layers: list[nn.Module]) -> None:
+    def __init__(
+        self,
+        layers: list[nn.Module],
+        tp_plan: dict[str, str] | None = None,
+        tp_divisors: dict[str, int] | None = None,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self._tp_plan, self._tp_divisors = tp_plan, tp_divisors or {}
+
+    def tensor_parallel_plan(self) -> dict[str, str] | None:
+        """The model's plan restricted to this stage's layers, renamed to `layers.<j>...`."""
+        return self._tp_plan
+
+    def tensor_parallel_divisors(self) -> dict[str, int]:
+        return self._tp_divisors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _Contiguous.apply(x)
@@ -187,9 +200,34 @@ def plan_pipeline(
     layers = model.pipeline_layers()
     names = {id(m): name for name, m in model.named_modules()}
     stage_ids = [pp_rank + i * pp for i in range(cfg.stages_per_rank)]
-    modules = [StageModule([layers[i] for i in bounds[s]]) for s in stage_ids]
+    modules = [
+        StageModule(
+            [layers[i] for i in bounds[s]],
+            *_stage_tp(model, [names[id(layers[i])] for i in bounds[s]]),
+        )
+        for s in stage_ids
+    ]
     prefixes = [tuple(f"{names[id(layers[i])]}." for i in bounds[s]) for s in stage_ids]
     return PipelinePlan(stage_ids, modules, prefixes, bounds)
+
+
+def _stage_tp(
+    model: nn.Module, layer_names: list[str]
+) -> tuple[dict[str, str] | None, dict[str, int]]:
+    """The model's declared TP plan for one stage (keys renamed to the stage's `layers.<j>`),
+    so tp x pp applies the same plan stage by stage; (None, {}) when the model has none."""
+    plan_fn = getattr(model, "tensor_parallel_plan", None)
+    if plan_fn is None:
+        return None, {}
+    full: dict[str, str] = plan_fn()
+    stage: dict[str, str] = {}
+    for j, name in enumerate(layer_names):
+        for key, style in full.items():
+            if key == name:
+                stage[f"layers.{j}"] = style
+            elif key.startswith(name + "."):
+                stage[f"layers.{j}." + key.removeprefix(name + ".")] = style
+    return stage, getattr(model, "tensor_parallel_divisors", dict)()
 
 
 def release_other_layers(model: PipelineModel, plan: PipelinePlan) -> None:

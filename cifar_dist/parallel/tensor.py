@@ -1,17 +1,21 @@
-"""Tensor parallelism with DTensor `parallelize_module` plans.
+"""Tensor parallelism: a model's declared plan applied with DTensor `parallelize_module`.
 
-ViT (Megatron-style): in every block q, k, v and mlp.fc1 are column-wise parallel (each rank
-holds num_heads / tp heads and hidden / tp MLP units) and attn.proj and mlp.fc2 row-wise
-parallel (their partial outputs are summed by one all-reduce each). With
-`parallel.sequence_parallel`, the residual stream, LayerNorms and residual adds are sharded
-along the token dimension instead of replicated: each all-reduce becomes a reduce-scatter
-after proj/fc2 plus an all-gather before attn/mlp (the same bytes, activation memory / tp).
+Every model that supports TP declares its plan as data next to its code
+(`model.tensor_parallel_plan()`: submodule name -> style name, the styles listed in
+cifar_dist/models/registry.py); this module turns style names into ParallelStyles and never
+names a model class.
 
-CNNs: each model declares its plan as data (`model.tensor_parallel_plan()`, submodule name ->
-style, see cifar_dist/models/registry.py): consecutive conv pairs split column-wise (output
-channels) then row-wise (input channels, one all-reduce of the partial sums), the norm between
-them local on its channel shard (channel_tp.py), everything else replicated; linears use
-torch's ColwiseParallel/RowwiseParallel. docs/parallelism.md draws the layout.
+Transformers (the ViT, Megatron-style): q, k, v and mlp.fc1 column-wise (each rank holds
+num_heads / tp heads and hidden / tp MLP units), attn.proj and mlp.fc2 row-wise (partial
+outputs summed by one all-reduce each). With `parallel.sequence_parallel` the residual stream,
+LayerNorms and residual adds are sharded along the token dimension instead of replicated: each
+all-reduce becomes a reduce-scatter after proj/fc2 plus an all-gather before attn/mlp (the same
+bytes, activation memory / tp).
+
+CNNs: consecutive conv pairs split column-wise (output channels) then row-wise (input
+channels, one all-reduce of the partial sums), the norm between them local on its channel
+shard (channel_tp.py), everything else replicated; linears use torch's
+ColwiseParallel/RowwiseParallel. docs/parallelism.md draws the layout.
 """
 
 from __future__ import annotations
@@ -31,15 +35,15 @@ from torch.distributed.tensor.parallel import (
 
 from cifar_dist.config.schema import ConfigError
 from cifar_dist.models.registry import TP_STYLES
-from cifar_dist.models.vit import VisionTransformer
 from cifar_dist.parallel.channel_tp import ConvColwiseParallel, ConvRowwiseParallel, SplitNorm
 
 
 def _plan_of(model: nn.Module) -> dict[str, str]:
     plan_fn = getattr(model, "tensor_parallel_plan", None)
-    if plan_fn is None:
+    plan = plan_fn() if plan_fn is not None else None
+    if plan is None:
         raise ConfigError(f"parallel.tp: no tensor-parallel plan for {type(model).__name__}")
-    return plan_fn()
+    return plan
 
 
 def _check_module(fqn: str, module: nn.Module, style: str, tp: int) -> None:
@@ -64,67 +68,57 @@ def _check_module(fqn: str, module: nn.Module, style: str, tp: int) -> None:
         raise ConfigError(f"parallel.tp: {tp} does not divide the {width} {what} of {fqn}")
 
 
+_SEQ = Shard(1)  # (batch, tokens, dim): dim 1 is the token dimension
+_SEQ_ONLY = ("seq_norm", "seq_gather", "seq_gather_local", "seq_scatter")
+
+
 def check_tp(model: nn.Module, tp: int) -> None:
     """One clear ConfigError when `model` cannot be split `tp` ways."""
-    if isinstance(model, VisionTransformer):
-        heads = model.blocks[0].attn.num_heads
-        if heads % tp:
-            raise ConfigError(
-                f"parallel.tp: {tp} does not divide the ViT's {heads} attention heads"
-            )
-        return
-    for fqn, style in _plan_of(model).items():
+    plan = _plan_of(model)
+    divisors = getattr(model, "tensor_parallel_divisors", dict)()
+    for what, count in divisors.items():
+        if count % tp:
+            raise ConfigError(f"parallel.tp: {tp} does not divide {what.format(count)}")
+    for fqn, style in plan.items():
         if style not in TP_STYLES:
             raise ConfigError(f"parallel.tp: unknown style {style!r} for {fqn} in the model's plan")
-        _check_module(fqn, model.get_submodule(fqn), style, tp)
+        if style not in _SEQ_ONLY:
+            _check_module(fqn, model.get_submodule(fqn), style.removesuffix("_seq"), tp)
 
 
-def vit_plan(model: VisionTransformer, sequence_parallel: bool) -> dict[str, ParallelStyle]:
-    seq = Shard(1)  # (batch, tokens, dim): dim 1 is the token dimension
-    # Row-wise layers reduce-scatter along tokens under SP (keeping a DTensor between layers,
-    # since 65 tokens do not split evenly and a local shard would lose the global length).
-    row = (
-        RowwiseParallel(output_layouts=seq, use_local_output=False)
-        if sequence_parallel
-        else RowwiseParallel()
+def _sequence_style(style: str) -> ParallelStyle:
+    gather = PrepareModuleInput(input_layouts=(_SEQ,), desired_input_layouts=(Replicate(),))
+    if style == "rowwise_seq":
+        # Reduce-scatter along tokens, keeping a DTensor between layers (65 tokens do not
+        # split evenly and a local shard would lose the global length).
+        return RowwiseParallel(output_layouts=_SEQ, use_local_output=False)
+    if style == "seq_norm":
+        return SequenceParallel(use_local_output=False)
+    if style == "seq_gather":
+        return gather
+    if style == "seq_gather_local":
+        return PrepareModuleInput(
+            input_layouts=(_SEQ,), desired_input_layouts=(Replicate(),), use_local_output=True
+        )
+    return PrepareModuleOutput(  # seq_scatter
+        output_layouts=Replicate(), desired_output_layouts=_SEQ, use_local_output=False
     )
-    plan: dict[str, ParallelStyle] = {}
-    for i in range(len(model.blocks)):
-        p = f"blocks.{i}."
-        plan.update(
-            {
-                p + "attn.q": ColwiseParallel(),
-                p + "attn.k": ColwiseParallel(),
-                p + "attn.v": ColwiseParallel(),
-                p + "attn.proj": row,
-                p + "mlp.fc1": ColwiseParallel(),
-                p + "mlp.fc2": row,
-            }
-        )
-        if sequence_parallel:
-            gather = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
-            plan.update(
-                {
-                    p + "norm1": SequenceParallel(use_local_output=False),
-                    p + "norm2": SequenceParallel(use_local_output=False),
-                    p + "attn": gather,
-                    p + "mlp": gather,
-                }
-            )
-    if sequence_parallel:
-        plan["embed"] = PrepareModuleOutput(
-            output_layouts=Replicate(), desired_output_layouts=seq, use_local_output=False
-        )
-        plan["head"] = PrepareModuleInput(
-            input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_output=True
-        )
-    return plan
 
 
-def cnn_plan(model: nn.Module) -> dict[str, ParallelStyle]:
-    """The model's declared plan, with each style name made a ParallelStyle for its module."""
+def plan_styles(model: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """The model's declared plan, each style name made a ParallelStyle for its module."""
     plan: dict[str, ParallelStyle] = {}
     for fqn, style in _plan_of(model).items():
+        if style in _SEQ_ONLY and not sequence_parallel:
+            continue
+        if style == "rowwise_seq":
+            if sequence_parallel:
+                plan[fqn] = _sequence_style(style)
+                continue
+            style = "rowwise"
+        if style in _SEQ_ONLY:
+            plan[fqn] = _sequence_style(style)
+            continue
         conv = isinstance(model.get_submodule(fqn), nn.Conv2d)
         if style == "colwise":
             plan[fqn] = ConvColwiseParallel() if conv else ColwiseParallel()
@@ -140,8 +134,4 @@ def cnn_plan(model: nn.Module) -> dict[str, ParallelStyle]:
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> nn.Module:
     """Shard `model` in place over the 1-D `tp_mesh`; returns it."""
     check_tp(model, tp_mesh.size())
-    if isinstance(model, VisionTransformer):
-        plan = vit_plan(model, sequence_parallel)
-    else:
-        plan = cnn_plan(model)
-    return parallelize_module(model, tp_mesh, plan)
+    return parallelize_module(model, tp_mesh, plan_styles(model, sequence_parallel))

@@ -103,13 +103,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 def _merge_shards(
     ckpt_dir: Path, manifest: dict[str, Any], map_location: str | torch.device
 ) -> dict[str, Any]:
-    """The manifest plus "model" (the union of the shards' disjoint "model" entries) and
-    "shard_states" (each shard as loaded, for a resume in the same layout)."""
+    """The manifest plus "model" (the union of the shards' disjoint "model" entries; "ema"
+    likewise), and "shard_states" (each shard as loaded, for a resume in the same layout)."""
     shards = [load_checkpoint(ckpt_dir / rel, map_location) for rel in manifest["shards"]]
     model: dict[str, Any] = {}
     for shard in shards:
         model.update(shard["model"])
-    return {**manifest, "model": model, "shard_states": shards}
+    merged = {**manifest, "model": model, "shard_states": shards}
+    if any(s.get("ema") for s in shards):  # the EMA weights, for `cifar-dist eval/predict`
+        merged["ema"] = {k: v for s in shards for k, v in (s.get("ema") or {}).items()}
+    return merged
 
 
 def latest_checkpoint(

@@ -70,7 +70,7 @@ def build_data(
     cfg: Config, dp_rank: int, dp: int, device: torch.device | None = None
 ) -> tuple[Any, dict[str, Any], list[str]]:
     """(train loader, {split: eval loader}, class names) for this data-parallel rank."""
-    from cifar_dist.data import load_splits
+    from cifar_dist.data import load_splits, registry
 
     ensure_synthetic(cfg)
     splits = load_splits(cfg.data)
@@ -83,25 +83,15 @@ def build_data(
         "seed": cfg.train.seed,
         "num_classes": cfg.data.num_classes,
     }
-    if cfg.data.loader == "torch":
-        from cifar_dist.data.loaders import build_loaders
-
-        train, evals = build_loaders(cfg.data, splits, **kwargs)
-        return train, evals, classes
-    device = device or torch.device("cpu")
-    placement = {
-        "device": device,
-        "dtype": torch.float64 if cfg.train.dtype == "float64" else torch.float32,
-        "channels_last": cfg.train.channels_last,
-    }
-    if cfg.data.loader == "device":
-        from cifar_dist.data.device_loader import build_device_loaders
-
-        train, evals = build_device_loaders(cfg.data, splits, **kwargs, **placement)
-    else:
-        from cifar_dist.data.ffcv_loader import build_ffcv_loaders
-
-        train, evals = build_ffcv_loaders(cfg.data, splits, **kwargs, **placement)
+    train, evals = registry.build(
+        cfg.data.loader,
+        cfg.data,
+        splits,
+        device=device or torch.device("cpu"),
+        dtype=torch.float64 if cfg.train.dtype == "float64" else torch.float32,
+        channels_last=cfg.train.channels_last,
+        **kwargs,
+    )
     return train, evals, classes
 
 
@@ -191,25 +181,10 @@ def preemption_handlers() -> Iterator[list[Any]]:
 
 
 def trainer_class(cfg: Config, dims: ParallelDims) -> type[Trainer]:
-    """The training strategy for this layout: a Trainer subclass overrides its hooks."""
-    from cifar_dist.train.fast_trainer import FastTrainer, check_layout, uses_fast_trainer
+    """The training backend for this layout (registry: cifar_dist/train/backends.py)."""
+    from cifar_dist.train.backends import trainer_for
 
-    if uses_fast_trainer(cfg):  # whitening stem / Lookahead (airbench recipe options)
-        check_layout(cfg, dims)
-        return FastTrainer
-    if cfg.parallel.engine == "deepspeed":
-        from cifar_dist.train.deepspeed_trainer import deepspeed_trainer_class
-
-        return deepspeed_trainer_class(dims)
-    if dims.pp > 1:
-        from cifar_dist.train.pipeline_trainer import PipelineTrainer
-
-        return PipelineTrainer
-    if dims.uses_mesh:
-        from cifar_dist.train.mesh_trainer import MeshTrainer
-
-        return MeshTrainer
-    return Trainer
+    return trainer_for(cfg, dims)
 
 
 def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dict[str, Any]:

@@ -21,6 +21,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: Tensor) -> Tensor:
+    # A DTensor's local shard (a view): foreach kernels refuse lists mixing DTensors and plain
+    # tensors, and the update is elementwise.
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class Lookahead:
@@ -44,13 +51,15 @@ class Lookahead:
         return self.decay**self.every * min(step / self.total, 1.0) ** self.pow
 
     @staticmethod
-    def _float_state(model: nn.Module) -> dict[str, Tensor]:
+    def _float_state(model: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
         # keep_vars: the live parameter/buffer tensors, so copy_/lerp_ act on the model itself.
-        state = model.state_dict(keep_vars=True)
+        # A dict is such a live state already (a pipeline rank's stages, under full names).
+        # DTensors (tp, fsdp) average shard by shard: the update is elementwise.
+        state = model.state_dict(keep_vars=True) if isinstance(model, nn.Module) else model
         return {k: v for k, v in state.items() if torch.is_floating_point(v)}
 
     @torch.no_grad()
-    def step(self, model: nn.Module, step: int) -> bool:
+    def step(self, model: nn.Module | dict[str, Tensor], step: int) -> bool:
         """Call after optimiser step `step` (1-based); returns True when it averaged."""
         if step <= self.start_step or step % self.every:
             return False
@@ -58,7 +67,10 @@ class Lookahead:
         if self.slow is None:
             self.slow = {k: v.detach().clone() for k, v in fast.items()}
             return True
-        slow, live = [self.slow[k] for k in fast], [v.detach() for v in fast.values()]
+        slow, live = (
+            [_local(self.slow[k]) for k in fast],
+            [_local(v.detach()) for v in fast.values()],
+        )
         # One fused kernel per op over all tensors (what torch's optimisers use): on a GPU a
         # Python loop of ~30 small lerp/copy launches would cost more than the math.
         torch._foreach_lerp_(slow, live, 1.0 - self.rho(step))
@@ -66,12 +78,13 @@ class Lookahead:
         return True
 
     @torch.no_grad()
-    def sync(self, model: nn.Module) -> None:
+    def sync(self, model: nn.Module | dict[str, Tensor]) -> None:
         """fast = slow (no new average); a no-op before the first averaging step."""
         if self.slow is None:
             return
         fast = self._float_state(model)
-        torch._foreach_copy_([v.detach() for v in fast.values()], [self.slow[k] for k in fast])
+        live = [_local(v.detach()) for v in fast.values()]
+        torch._foreach_copy_(live, [_local(self.slow[k]) for k in fast])
 
     def state_dict(self) -> dict[str, object]:
         return {"slow": self.slow}

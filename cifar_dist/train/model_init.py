@@ -71,9 +71,10 @@ def whitening_images(cfg: Config, n: int) -> torch.Tensor:
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def init_whitening(model: nn.Module, cfg: Config) -> nn.Conv2d | None:
+def init_whitening(model: nn.Module, cfg: Config, fit: bool = True) -> nn.Conv2d | None:
     """model.whiten_init > 0: fit `model.whiten` on that many training images and freeze its
-    weights; returns the stem (its bias stays trainable), or None when the option is off."""
+    weights; returns the stem (its bias stays trainable), or None when the option is off.
+    fit=False checks and freezes only (a rank that receives rank 0's fitted stem)."""
     n = cfg.model.whiten_init
     if n <= 0:
         return None
@@ -84,7 +85,7 @@ def init_whitening(model: nn.Module, cfg: Config) -> nn.Conv2d | None:
         )
     from cifar_dist.models.airbench import fit_whitening
 
-    images = whitening_images(cfg, n).to(stem.weight.device)
-    fit_whitening(stem, images)
+    if fit:
+        fit_whitening(stem, whitening_images(cfg, n).to(stem.weight.device))
     stem.weight.requires_grad_(False)  # before DDP/compile wrap: a fixed transform from now on
     return stem

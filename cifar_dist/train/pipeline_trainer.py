@@ -26,6 +26,7 @@ from cifar_dist.parallel.pipeline import (
     release_other_layers,
     warn_batchnorm,
 )
+from cifar_dist.train.callbacks.base import like_live, to_full
 from cifar_dist.train.checkpoint import CheckpointError, save_checkpoint, step_filename
 from cifar_dist.train.common import StepResult, micro_batch_size
 from cifar_dist.train.grad_norm import clip_grad_norm
@@ -127,20 +128,37 @@ class PipelineTrainer(MeshTrainer):
             for prefix, layer in zip(prefixes, mod.layers)
         ]
 
-    def model_optim_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        # This rank's stages only, under the full model's names (other layers are on meta).
-        model = {
+    def live_state(self) -> dict[str, torch.Tensor]:
+        # The layers of other stages are on the meta device: this rank's own, full names.
+        return {
             prefix + k: v
             for prefix, layer in self._held_layers()
-            for k, v in layer.state_dict().items()
+            for k, v in layer.state_dict(keep_vars=True).items()
         }
-        return model, self.optimizer.state_dict()
+
+    def model_optim_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        # This rank's stages only, under the full model's names (other layers are on meta);
+        # tensor-parallel shards gathered (collective over tp), so a shard file is whole.
+        model = {k: to_full(v.detach()) for k, v in self.live_state().items()}
+        optim = self.optimizer.state_dict()
+        optim["state"] = {
+            i: {n: to_full(v) for n, v in st.items()} for i, st in optim["state"].items()
+        }
+        return model, optim
 
     def load_model_optim_state_dict(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
-        for prefix, layer in self._held_layers():
-            layer.load_state_dict(
-                {k.removeprefix(prefix): v for k, v in model.items() if k.startswith(prefix)}
-            )
+        live = self.live_state()
+        with torch.no_grad():
+            for k, v in live.items():
+                v.copy_(like_live(model[k], v))
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        optim = {
+            **optim,
+            "state": {
+                i: {n: like_live(v, params[int(i)]) if v.ndim else v for n, v in st.items()}
+                for i, st in optim["state"].items()
+            },
+        }
         self.optimizer.load_state_dict(optim)
 
     def _layout(self) -> list[list[int]]:
@@ -150,8 +168,12 @@ class PipelineTrainer(MeshTrainer):
         state = self.state_dict()  # collective: gathers every rank's RNG and counters
         step, ckpt_dir = self.state.step, self.run_dir / "checkpoints"
         shard = {"model": state.pop("model"), "optimizer": state.pop("optimizer")}
+        for cb in self.callbacks:  # EMA / Lookahead state of this rank's stages
+            if cb.key:
+                shard[cb.key] = state.pop(cb.key)
         shard["stage_ids"] = self.plan.stage_ids
-        if self.dims.coords(self.info.rank).dp == 0:  # one writer per pipeline rank
+        coords = self.dims.coords(self.info.rank)
+        if coords.dp == 0 and coords.tp == 0:  # one writer per pipeline rank
             save_checkpoint(shard, ckpt_dir / f"pp{self.pp_rank}", step)
         barrier()  # every shard is on disk before the manifest names it
         path = None
@@ -168,8 +190,9 @@ class PipelineTrainer(MeshTrainer):
                 f"train.resume: the checkpoint's pipeline layout {layout} differs from this "
                 f"run's {self._layout()} (evaluate it with `cifar-dist eval` instead)"
             )
-        optim = ckpt["shard_states"][self.pp_rank]["optimizer"]
-        super().load_state_dict({**ckpt, "optimizer": optim})
+        shard = ckpt["shard_states"][self.pp_rank]
+        mine = {cb.key: shard.get(cb.key) for cb in self.callbacks if cb.key}
+        super().load_state_dict({**ckpt, "optimizer": shard["optimizer"], **mine})
 
 
 class PipelineForward(nn.Module):

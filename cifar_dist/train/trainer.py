@@ -13,13 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from cifar_dist.config.schema import Config, ConfigError
 from cifar_dist.logging.sinks import Sink
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.parallel.parallelize import parallelize
+from cifar_dist.train.callbacks import build_callbacks
 from cifar_dist.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -68,12 +68,17 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ConfigError("data.batch_size: larger than the training split")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
-        self.ema: AveragedModel | None = None
+        # Recipe options (whitening stem, EMA, Lookahead, early stopping): see callbacks/.
+        self.callbacks = build_callbacks(cfg)
         # Ranks over which evaluation metrics are reduced (None = all); tensor/pipeline layouts
         # set their dp group, since the ranks of one replica see the same images.
         self.eval_group: dist.ProcessGroup | None = None
+        for cb in self.callbacks:
+            cb.before_prepare(self)
         self.setup_parallel()
         self.setup_optim()
+        for cb in self.callbacks:
+            cb.setup(self)
         self.state = TrainState()
         self.signal_received: int | None = None  # set by a SIGTERM/SIGUSR1 handler (pre-emption)
         self.stop_requested = (
@@ -91,16 +96,17 @@ class Trainer:
         self.train_model = parallelize(self.model, self.dims, self.cfg, self.device)
 
     def setup_optim(self) -> None:
-        """Optimiser, LR schedule and EMA over `self.model`'s parameters."""
+        """Optimiser and LR schedule over `self.model`'s parameters."""
         cfg = self.cfg
         self.optimizer = build_optimizer(self.model, cfg.optim, cfg.data.batch_size)
         self.scheduler = build_scheduler(
             self.optimizer, cfg.schedule, self.steps_per_epoch, cfg.train.epochs
         )
-        if cfg.train.ema_decay > 0:
-            self.ema = AveragedModel(
-                self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True
-            )
+
+    def live_state(self) -> dict[str, torch.Tensor]:
+        """This rank's live parameters and buffers under the full model's names (what the
+        recipe callbacks average): DTensors for tp / fsdp, a pipeline rank's own stages."""
+        return self.model.state_dict(keep_vars=True)
 
     def clip_gradients(self, max_norm: float) -> float:
         """Global gradient norm (before clipping), clipping to `max_norm` (inf = measure only)."""
@@ -131,7 +137,8 @@ class Trainer:
             "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "ema": self.ema.state_dict() if self.ema else None,
+            "ema": None,  # replaced by the EMA callback's state when train.ema_decay > 0
+            **{cb.key: cb.state_dict(self) for cb in self.callbacks if cb.key},
             "rng": [r for r, _ in per_rank],
             "train_state": self.state.to_dict(),
             "rank_train_states": [t for _, t in per_rank],
@@ -152,8 +159,9 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        if self.ema and ckpt.get("ema"):
-            self.ema.load_state_dict(ckpt["ema"])
+        for cb in self.callbacks:
+            if cb.key and ckpt.get(cb.key) is not None:
+                cb.load_state_dict(self, ckpt[cb.key])
         rngs, states = ckpt["rng"], ckpt.get("rank_train_states") or [ckpt["train_state"]]
         same_layout = len(rngs) == self.info.world_size
         set_rng_state(rngs[self.info.rank] if same_layout else rngs[0])
@@ -235,6 +243,8 @@ class Trainer:
     def _optimizer_step(self, losses: list[float]) -> float:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        for cb in self.callbacks:
+            cb.before_optimizer_step(self)
         max_norm = self.cfg.train.clip_norm or math.inf
         norm = self.clip_gradients(max_norm)
         finite = all(math.isfinite(v) for v in losses) and (
@@ -262,8 +272,8 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
+        for cb in self.callbacks:
+            cb.after_step(self, self.state.step + 1)  # this step's 1-based index
         self.state.nonfinite_run = 0
         return norm
 
@@ -272,6 +282,24 @@ class Trainer:
         return 0 < self.cfg.train.max_steps <= self.state.step
 
     def train_epoch(self) -> None:
+        """One epoch (or what is left of it). On CUDA its time is measured with CUDA events,
+        so `train_s` is device time, not host time that may run ahead of queued kernels."""
+        st = self.state
+        timed = self.device.type == "cuda"
+        if timed:
+            before = st.train_time_s
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+        self._train_epoch()
+        if st.step_in_epoch >= self.steps_per_epoch:
+            for cb in self.callbacks:
+                cb.end_of_epoch(self)
+        if timed:
+            end.record()
+            end.synchronize()
+            st.train_time_s = before + start.elapsed_time(end) / 1000.0
+
+    def _train_epoch(self) -> None:
         st, cfg = self.state, self.cfg
         self.train_model.train()
         self.train_loader.set_epoch(st.epoch)
@@ -320,9 +348,15 @@ class Trainer:
         bar.close()
 
     def eval_model(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.model
+        return self.model
 
     def evaluate_split(self, split: str, confusion: bool = False) -> dict[str, Any]:
+        with contextlib.ExitStack() as stack:  # e.g. the EMA weights swapped in meanwhile
+            for cb in self.callbacks:
+                stack.enter_context(cb.eval_weights(self))
+            return self._evaluate(split, confusion)
+
+    def _evaluate(self, split: str, confusion: bool) -> dict[str, Any]:
         return evaluate(
             self.eval_model(),
             self.eval_loaders[split],
@@ -352,11 +386,7 @@ class Trainer:
         if "val" in self.eval_loaders and ((st.epoch + 1) % cfg.train.eval_every == 0 or last):
             val = self.evaluate_split("val")
             record.update({f"val_{k}": v for k, v in val.items()})
-            if val["loss"] < st.best_val_loss:
-                st.best_val_loss, st.bad_evals = val["loss"], 0
-            else:
-                st.bad_evals += 1
-                stop = 0 < cfg.train.early_stopping <= st.bad_evals
+            stop = any([cb.after_evaluate(self, val) for cb in self.callbacks])  # each sees val
         st.history.append(record)
         self.sink.log(record, st.step)
         st.epoch += 1
