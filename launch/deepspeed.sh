@@ -28,6 +28,8 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=launch/lib.sh
+source "$root/launch/lib.sh"
 
 if [[ -z ${DEEPSPEED:-} ]]; then
   if command -v deepspeed >/dev/null 2>&1; then
@@ -76,10 +78,7 @@ fi
 # Exit code: 75 (EX_TEMPFAIL) after a checkpointed pre-emption. The DeepSpeed launcher passes on
 # the first failed worker's code, but reports 1 when it got the signal itself; each node's local
 # rank 0 writes this marker after the checkpoint (cifar_dist/train/preemption.py).
-PREEMPTED_EXIT_CODE=75
-marker=$(mktemp "${TMPDIR:-/tmp}/cifar-dist-preempt.XXXXXX")
-rm -f "$marker"
-export CIFAR_DIST_PREEMPT_MARKER=$marker
+new_preempt_marker # launch/lib.sh
 
 echo "+ OMP_NUM_THREADS=$OMP_NUM_THREADS $DEEPSPEED ${args[*]} --module cifar_dist train $*" >&2
 # The launcher runs in the background in its own process group (set -m): a signal to this
@@ -93,17 +92,4 @@ set +m
 forward() { kill -s "$1" "$pid" 2>/dev/null || true; }
 trap 'forward TERM' TERM USR1
 trap 'forward INT' INT
-rc=0
-while :; do
-  rc=0
-  wait "$pid" || rc=$?
-  if ((rc > 128)) && kill -0 "$pid" 2>/dev/null; then continue; fi
-  break
-done
-if ((rc != 0)) && [[ -f $marker ]]; then
-  echo "deepspeed.sh: pre-empted after a checkpoint; exit $PREEMPTED_EXIT_CODE" \
-    "(resume with --train.resume=auto)" >&2
-  rc=$PREEMPTED_EXIT_CODE
-fi
-rm -f "$marker"
-exit "$rc"
+wait_launcher "deepspeed.sh" "$pid" # launch/lib.sh: exits

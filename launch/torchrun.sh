@@ -32,6 +32,8 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=launch/lib.sh
+source "$root/launch/lib.sh"
 
 # --- the torchrun and python of the active environment (or the repo's .venv) -----------------
 if [[ -z ${TORCHRUN:-} ]]; then
@@ -137,10 +139,7 @@ fi
 # torchrun reports 1 for any failed worker, a checkpointed pre-emption included. Each node's
 # local rank 0 writes this marker after the checkpoint (cifar_dist/train/preemption.py), and
 # this script then exits 75 instead: requeue on 75, investigate anything else non-zero.
-PREEMPTED_EXIT_CODE=75
-marker=$(mktemp "${TMPDIR:-/tmp}/cifar-dist-preempt.XXXXXX")
-rm -f "$marker"
-export CIFAR_DIST_PREEMPT_MARKER=$marker
+new_preempt_marker # launch/lib.sh
 
 echo "+ OMP_NUM_THREADS=$OMP_NUM_THREADS $TORCHRUN ${args[*]} -m cifar_dist train $*" >&2
 # torchrun runs in the background in its own process group (set -m), so a signal to this
@@ -156,17 +155,4 @@ for sig in TERM INT HUP QUIT USR1; do
   # shellcheck disable=SC2064  # expand $sig now
   trap "forward $sig" "$sig"
 done
-rc=0
-while :; do
-  rc=0
-  wait "$pid" || rc=$?
-  if ((rc > 128)) && kill -0 "$pid" 2>/dev/null; then continue; fi
-  break
-done
-if ((rc != 0)) && [[ -f $marker ]]; then
-  echo "torchrun.sh: pre-empted after a checkpoint ($(cat "$marker")); exit $PREEMPTED_EXIT_CODE" \
-    "(resume with --train.resume=auto)" >&2
-  rc=$PREEMPTED_EXIT_CODE
-fi
-rm -f "$marker"
-exit "$rc"
+wait_launcher "torchrun.sh" "$pid" # launch/lib.sh: exits

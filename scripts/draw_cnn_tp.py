@@ -87,20 +87,13 @@ def draw(out: Path) -> None:
             i * col_w + bar_w / 2, lane_h + bar_h + 0.2, label, ha="center", va="bottom", fontsize=9
         )
     # the two collectives: f (backward all-reduce of dx) and g (forward all-reduce)
-    ax.annotate(
-        "f: identity fwd,\nall-reduce dx bwd",
-        (1 * col_w - 0.75, lane_h * 0.86),
-        ha="center",
-        fontsize=8,
-        color="#555555",
-    )
-    ax.annotate(
-        "g: all-reduce fwd,\nidentity bwd",
-        (4 * col_w - 0.75, lane_h * 0.86),
-        ha="center",
-        fontsize=8,
-        color="#555555",
-    )
+    for col, text in (
+        (1, "f: identity fwd,\nall-reduce dx bwd"),
+        (4, "g: all-reduce fwd,\nidentity bwd"),
+    ):
+        ax.annotate(
+            text, (col * col_w - 0.75, lane_h * 0.86), ha="center", fontsize=8, color="#555555"
+        )
     ax.set_xlim(-1.4, len(STEPS) * col_w - 1.0)
     ax.set_ylim(-0.9, lane_h + bar_h + 1.3)
     ax.axis("off")

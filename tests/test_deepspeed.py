@@ -22,7 +22,7 @@ from cifar_dist.models import create_model
 from cifar_dist.train.checkpoint import load_checkpoint
 from cifar_dist.train.fit import fit
 from tests.conftest import tiny_overrides
-from tests.test_distributed import ENV, cli_args, run_torchrun, step_losses
+from tests.test_distributed import ENV, cli_args, run_deepspeed_script, run_torchrun, step_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_ds = pytest.mark.skipif(
@@ -85,14 +85,7 @@ def ddp_run(synth_cifar10: Path, runs: Path) -> Path:
 def zero1_run(synth_cifar10: Path, runs: Path) -> Path:
     """ZeRO-1 through launch/deepspeed.sh, i.e. DeepSpeed's own launcher (`--num_gpus 2`)."""
     over = _over(synth_cifar10, runs, "zero1", **ZERO_RUN, **DS, **{"deepspeed.zero_stage": 1})
-    proc = subprocess.run(
-        ["bash", str(ROOT / "launch/deepspeed.sh"), *cli_args(over)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**ENV, "NPROC": "2", "PYTHONPATH": str(ROOT)},
-    )
+    proc = run_deepspeed_script(over)
     _check(proc)
     assert "--module cifar_dist train" in proc.stderr  # the launcher line the script echoes
     return runs / "zero1"

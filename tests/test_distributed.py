@@ -49,6 +49,19 @@ def run_torchrun(
     )
 
 
+def run_deepspeed_script(over: dict[str, object], **env: str) -> subprocess.CompletedProcess:
+    """`cifar-dist train` through launch/deepspeed.sh (DeepSpeed's own launcher), 2 ranks."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        ["bash", str(root / "launch/deepspeed.sh"), *cli_args(over)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+        env={**ENV, "NPROC": "2", "PYTHONPATH": str(root), **env},
+    )
+
+
 def cli_args(over: dict[str, object]) -> list[str]:
     return [f"--{k}={v}" for k, v in over.items()]
 

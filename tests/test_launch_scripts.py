@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_overrides
-from tests.test_distributed import ENV, cli_args
+from tests.test_distributed import run_deepspeed_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PREEMPTED = 75
@@ -37,20 +37,7 @@ def test_deepspeed_script_exits_75_after_sigterm_on_one_rank(
             "log.name": "ds",
         },
     )
-    proc = subprocess.run(
-        ["bash", str(ROOT / "launch/deepspeed.sh"), *cli_args(over)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={
-            **ENV,
-            "NPROC": "2",
-            "PYTHONPATH": str(ROOT),
-            "CIFAR_DIST_FAULT": "1:3:sigterm",
-            "TMPDIR": str(tmp_path),
-        },
-    )
+    proc = run_deepspeed_script(over, CIFAR_DIST_FAULT="1:3:sigterm", TMPDIR=str(tmp_path))
     out = proc.stdout + proc.stderr
     assert proc.returncode == PREEMPTED, out[-4000:]
     assert out.count("stopped by signal at step 4") == 2, out[-4000:]

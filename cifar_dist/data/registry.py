@@ -12,27 +12,16 @@ from typing import Any
 
 import torch
 
-from cifar_dist.config.schema import ConfigError, DataConfig
+from cifar_dist.config.schema import DataConfig
+from cifar_dist.utils.registry import Registry
 
 LoaderFactory = Callable[..., tuple[Any, dict[str, Any]]]
 """factory(cfg, splits, *, micro_batch, eval_batch, rank, world_size, seed, num_classes,
 device, dtype, channels_last) -> (train loader, {split: eval loader})."""
 
-_LOADERS: dict[str, LoaderFactory] = {}
-
-
-def register_loader(name: str) -> Callable[[LoaderFactory], LoaderFactory]:
-    def decorator(factory: LoaderFactory) -> LoaderFactory:
-        if name in _LOADERS:
-            raise ValueError(f"loader {name!r} is already registered")
-        _LOADERS[name] = factory
-        return factory
-
-    return decorator
-
-
-def list_loaders() -> list[str]:
-    return sorted(_LOADERS)
+LOADERS: Registry[LoaderFactory] = Registry("loader", "data.loader")
+register_loader = LOADERS.register
+list_loaders = LOADERS.names
 
 
 def build(
@@ -46,11 +35,7 @@ def build(
     **kwargs: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """The loaders `data.loader` names, for the rank and batch arithmetic in `kwargs`."""
-    if name not in _LOADERS:
-        raise ConfigError(
-            f"data.loader: unknown loader {name!r} (known: {', '.join(list_loaders())})"
-        )
-    return _LOADERS[name](
+    return LOADERS.get(name)(
         cfg, splits, device=device, dtype=dtype, channels_last=channels_last, **kwargs
     )
 

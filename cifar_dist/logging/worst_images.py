@@ -9,6 +9,7 @@ data-parallel rank and keeps the global top k: no rank ever holds more than k x 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -19,8 +20,8 @@ from cifar_dist.data.augment import mean_std
 
 
 def wanted(trainer: Any, cfg: Any) -> bool:
-    """Only with W&B on, a validation split, and the plain evaluation path (pipeline trainers
-    evaluate stage by stage: their eval_model() is not the whole network)."""
+    """Only with W&B on, a validation split, and the Trainer's own evaluation path (the
+    DeepSpeed pipeline engine evaluates through its own eval_batch)."""
     from cifar_dist.logging.wandb_sink import resolve_settings
     from cifar_dist.train.trainer import Trainer
 
@@ -29,6 +30,7 @@ def wanted(trainer: Any, cfg: Any) -> bool:
         and resolve_settings(cfg.log.wandb)["mode"] != "disabled"
         and "val" in trainer.eval_loaders
         and type(trainer).evaluate_split is Trainer.evaluate_split
+        and type(trainer)._evaluate is Trainer._evaluate
     )
 
 
@@ -80,7 +82,10 @@ def _to_uint8(image: torch.Tensor, dataset: str) -> Any:
 def collect_worst(trainer: Any, cfg: Any) -> list[dict[str, Any]]:
     """Collective (every rank calls it when `wanted`): the global top-k rows on rank 0, [] elsewhere."""
     k = cfg.log.wandb.worst_images
-    rows = _local_top_k(trainer, k)
+    with contextlib.ExitStack() as stack:  # the weights evaluation uses (e.g. EMA's)
+        for cb in trainer.callbacks:
+            stack.enter_context(cb.eval_weights(trainer))
+        rows = _local_top_k(trainer, k)
     if dist.is_available() and dist.is_initialized():
         group = trainer.eval_group  # tp/pp peers of one replica saw the same images
         gathered: list[Any] = [None] * dist.get_world_size(group)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from cifar_dist.config.schema import ConfigError
+from cifar_dist.utils.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
 
@@ -14,29 +14,18 @@ ModelFactory = Callable[..., nn.Module]
 # create_model rejects anything else so a config typo fails loudly instead of being dropped.
 MODEL_OPTIONS = ("norm", "groups", "se", "dropout", "drop_path")
 
-_REGISTRY: dict[str, ModelFactory] = {}
+MODELS: Registry[ModelFactory] = Registry("model", "model.name")
+list_models = MODELS.names
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """Register `factory(num_classes=10, *, norm, groups, se, dropout, drop_path)` as `name`."""
-
-    def decorator(factory: ModelFactory) -> ModelFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
-
-
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return MODELS.register(name)
 
 
 def create_model(name: str, num_classes: int = 10, **kwargs: object) -> nn.Module:
     """Build a registered model by name; the one way configs and the CLI make models."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"model.name: unknown model {name!r} (known: {', '.join(list_models())})")
+    factory = MODELS.get(name)
     for key in kwargs:
         if key not in MODEL_OPTIONS:
             raise ValueError(
@@ -44,7 +33,7 @@ def create_model(name: str, num_classes: int = 10, **kwargs: object) -> nn.Modul
             )
     if num_classes < 1:
         raise ValueError(f"model.num_classes: must be >= 1, got {num_classes}")
-    return _REGISTRY[name](num_classes=num_classes, **kwargs)
+    return factory(num_classes=num_classes, **kwargs)
 
 
 # Tensor-parallel styles a model's `tensor_parallel_plan()` may name (applied by

@@ -20,6 +20,8 @@ Between a column and a row conv the activations are plain local tensors (C / tp 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -89,40 +91,49 @@ def _check_conv(module: nn.Module, fqn: str, dim: int, tp: int) -> None:
         raise ValueError(f"tensor-parallel plan: tp={tp} does not divide the channels of {fqn}")
 
 
+def _split_conv(
+    module: nn.Module,
+    device_mesh: DeviceMesh,
+    weight: Shard | Replicate,
+    bias: Shard | Replicate,
+    wrap: Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor],
+) -> nn.Module:
+    """Shard a Conv2d's weight and bias; forward = wrap(x, local conv) + local bias."""
+    assert isinstance(module, nn.Conv2d)
+    _shard(module, "weight", device_mesh, weight)
+    _shard(module, "bias", device_mesh, bias)
+
+    def forward(x: Tensor) -> Tensor:
+        out = wrap(x, lambda t: _conv(module, t))
+        b = _local(module.bias)
+        return out if b is None else out + b.view(1, -1, 1, 1)
+
+    module.forward = forward  # type: ignore[method-assign]
+    return module
+
+
 class ConvColwiseParallel(ParallelStyle):
     """Split a Conv2d's output channels; whole input, channel-shard output (local tensor)."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        assert isinstance(module, nn.Conv2d)
         group = device_mesh.get_group()
-        _shard(module, "weight", device_mesh, Shard(0))
-        _shard(module, "bias", device_mesh, Shard(0))
-
-        def forward(x: Tensor) -> Tensor:
-            out = _conv(module, _CopyToTP.apply(x, group))
-            bias = _local(module.bias)
-            return out if bias is None else out + bias.view(1, -1, 1, 1)
-
-        module.forward = forward  # type: ignore[method-assign]
-        return module
+        return _split_conv(
+            module, device_mesh, Shard(0), Shard(0), lambda x, conv: conv(_CopyToTP.apply(x, group))
+        )
 
 
 class ConvRowwiseParallel(ParallelStyle):
     """Split a Conv2d's input channels; channel-shard input, whole (all-reduced) output."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        assert isinstance(module, nn.Conv2d)
         group = device_mesh.get_group()
-        _shard(module, "weight", device_mesh, Shard(1))
-        _shard(module, "bias", device_mesh, Replicate())
-
-        def forward(x: Tensor) -> Tensor:
-            out = _ReduceFromTP.apply(_conv(module, x), group)
-            bias = _local(module.bias)
-            return out if bias is None else out + bias.view(1, -1, 1, 1)
-
-        module.forward = forward  # type: ignore[method-assign]
-        return module
+        return _split_conv(
+            module,
+            device_mesh,
+            Shard(1),
+            Replicate(),
+            lambda x, conv: _ReduceFromTP.apply(conv(x), group),
+        )
 
 
 class SplitNorm(ParallelStyle):

@@ -165,10 +165,10 @@ def _mesh(trainer: Any) -> dict[str, Any]:
     return mesh
 
 
-def build_report(trainer: Any) -> dict[str, Any]:
-    """The start-of-run report (collective: every rank calls it; all get the same dict)."""
-    from cifar_dist.train.common import build_model  # train imports parallel, not vice versa
-
+def build_report(trainer: Any, whole: nn.Module) -> dict[str, Any]:
+    """The start-of-run report (collective: every rank calls it; all get the same dict).
+    `whole` is the unsplit model, shapes only (the caller builds it: parallel never imports
+    train)."""
     dims, info, cfg = trainer.dims, trainer.info, trainer.cfg
     counts = local_params(trainer.model)
     held = getattr(trainer, "ds_module", trainer.model)  # DeepSpeed pipe: this stage's module
@@ -176,7 +176,6 @@ def build_report(trainer: Any) -> dict[str, Any]:
         counts.update({k: v for k, v in local_params(held).items() if k != "total"})
     mine = {"rank": info.rank, **dims.coords(info.rank)._asdict(), **counts}
     ranks = _gather(mine)
-    whole = build_model(cfg, torch.device("meta"))  # unsplit, shapes only
     plan = getattr(trainer, "plan", None)
     bounds = plan.bounds if plan is not None and dims.pp > 1 else None
     elem = torch.finfo(trainer.dtype).bits // 8 if trainer.dtype.is_floating_point else 4
@@ -209,9 +208,9 @@ def summary_line(rep: dict[str, Any]) -> str:
     return line
 
 
-def start_report(trainer: Any, run_dir: Path) -> None:
+def start_report(trainer: Any, run_dir: Path, whole: nn.Module) -> None:
     """Collective: write parallel.json and print the one-line summary (rank 0)."""
-    rep = build_report(trainer)
+    rep = build_report(trainer, whole)
     if trainer.info.is_main:
         (run_dir / REPORT_FILE).write_text(json.dumps(rep, indent=2))
         print(summary_line(rep), flush=True)

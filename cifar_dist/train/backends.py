@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cifar_dist.train.callbacks import backend_name
+from cifar_dist.utils.registry import Registry
 
 if TYPE_CHECKING:
     from cifar_dist.config.schema import Config
@@ -20,26 +21,14 @@ if TYPE_CHECKING:
 
 BackendFactory = Callable[["ParallelDims"], "type[Trainer]"]
 
-_BACKENDS: dict[str, BackendFactory] = {}
-
-
-def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
-    def decorator(factory: BackendFactory) -> BackendFactory:
-        if name in _BACKENDS:
-            raise ValueError(f"backend {name!r} is already registered")
-        _BACKENDS[name] = factory
-        return factory
-
-    return decorator
-
-
-def list_backends() -> list[str]:
-    return sorted(_BACKENDS)
+BACKENDS: Registry[BackendFactory] = Registry("backend", "parallel.engine")
+register_backend = BACKENDS.register
+list_backends = BACKENDS.names
 
 
 def trainer_for(cfg: Config, dims: ParallelDims) -> type[Trainer]:
     """The trainer of the config's backend (imports only that backend's modules)."""
-    return _BACKENDS[backend_name(cfg)](dims)
+    return BACKENDS.get(backend_name(cfg))(dims)
 
 
 @register_backend("torch")

@@ -20,7 +20,7 @@ from cifar_dist.config.schema import Config
 from cifar_dist.logging.sinks import MultiSink, Sink, build_sinks
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.parallel.report import finish_report, start_report
-from cifar_dist.train.common import Preempted, micro_batch_size
+from cifar_dist.train.common import Preempted, build_model, micro_batch_size
 from cifar_dist.train.preemption import clear_markers, write_markers
 from cifar_dist.train.trainer import Trainer
 from cifar_dist.utils.dist import (
@@ -231,7 +231,8 @@ def _run_training(
                 flush=True,
             )
         start_step = trainer.state.step
-        start_report(trainer, run_dir)  # parallel.json: mesh, per-rank shards, comm (collective)
+        # parallel.json: mesh, per-rank shards, comm (collective); the unsplit model, shapes only
+        start_report(trainer, run_dir, build_model(cfg, torch.device("meta")))
         try:
             trainer.run()
         except Preempted:  # tell the launcher scripts, whose launcher reports 1 (preemption.py)
