@@ -34,7 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the worker runs as a script under torchrun
 
-# name -> (ranks, parallel overrides); dp is whatever is left of the world size
+# name -> (ranks, parallel overrides); dp is whatever is left of the world size.
+PARAM_SPLIT = "bench.param_split"  # not a config key: cut the stages by parameter counts
 VARIANTS: dict[str, tuple[int, dict[str, object]]] = {
     "single": (1, {}),
     "ddp2": (2, {}),
@@ -45,6 +46,9 @@ VARIANTS: dict[str, tuple[int, dict[str, object]]] = {
     "tp2-sp": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
     "ddp4": (4, {}),
     "pp4-1f1b": (4, {"parallel.pp": 4, "parallel.pp_schedule": "1f1b"}),
+    # the split before compute balancing (parameter counts), for comparison with pp*-1f1b
+    "pp2-1f1b-params": (2, {"parallel.pp": 2, "parallel.pp_schedule": "1f1b", PARAM_SPLIT: 1}),
+    "pp4-1f1b-params": (4, {"parallel.pp": 4, "parallel.pp_schedule": "1f1b", PARAM_SPLIT: 1}),
     "dp2xpp2": (4, {"parallel.pp": 2, "parallel.pp_schedule": "1f1b"}),
     "dp2xtp2": (4, {"parallel.tp": 2}),
 }
@@ -53,7 +57,43 @@ VARIANTS: dict[str, tuple[int, dict[str, object]]] = {
 # resnet18, and the pipeline layouts of resnet18.
 CNN_ROWS = [
     (m, v) for m in ("airbench_net", "resnet18") for v in ("single", "ddp2", "tp2", "dp2xtp2")
-] + [("resnet18", "pp2-1f1b"), ("resnet18", "pp4-1f1b")]
+] + [("resnet18", v) for v in ("pp2-1f1b", "pp2-1f1b-params", "pp4-1f1b", "pp4-1f1b-params")]
+VARIANTS_DEFAULT = [v for v in VARIANTS if not v.endswith("-params")]
+
+
+def _whole(model_name: str):  # noqa: ANN202 - an nn.Module, imported lazily
+    from cifar_dist.models import create_model
+
+    return create_model(model_name, norm="group")
+
+
+def split_points(model_name: str, variant: str) -> list[int]:
+    """[] = the trainer's FLOP-balanced cut; for *-params variants the parameter-count cut."""
+    from cifar_dist.parallel.pipeline import balanced_split
+
+    _, par = VARIANTS[variant]
+    if not par.get(PARAM_SPLIT):
+        return []
+    layers = _whole(model_name).pipeline_layers()
+    return balanced_split(
+        [sum(p.numel() for p in m.parameters()) for m in layers], par["parallel.pp"]
+    )
+
+
+def bounds(model_name: str, variant: str) -> list[range] | None:
+    import torch
+
+    from cifar_dist.parallel import pipeline
+
+    _, par = VARIANTS[variant]
+    pp = int(par.get("parallel.pp", 1))  # type: ignore[call-overload]
+    if pp == 1:
+        return None
+    model = _whole(model_name)
+    sample = torch.zeros(1, 3, 32, 32)  # one CIFAR image
+    points = split_points(model_name, variant)
+    weights = None if points else pipeline.layer_flops(model, sample)
+    return pipeline.stage_bounds(model, pp, points, weights)
 
 
 def overrides(args: argparse.Namespace, variant: str, data: Path, runs: Path) -> list[str]:
@@ -80,8 +120,11 @@ def overrides(args: argparse.Namespace, variant: str, data: Path, runs: Path) ->
         "log.dir": runs,
         "log.name": f"{args.model}-{variant}",
         "parallel.microbatches": args.microbatches,
-        **par,
+        **{k: v for k, v in par.items() if k != PARAM_SPLIT},
     }
+    points = split_points(args.model, variant)
+    if points:
+        over["parallel.split_points"] = "[" + ",".join(map(str, points)) + "]"
     return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in over.items()]
 
 
@@ -136,15 +179,23 @@ def comm_mib(model_name: str, variant: str, batch: int) -> float:
     """Bytes each rank sends per optimiser step (max over ranks), MiB; fp32. The formulas are
     the run report's (cifar_dist/parallel/report.py), so the table and parallel.json agree."""
     from cifar_dist.config.schema import ParallelConfig
-    from cifar_dist.models import create_model
     from cifar_dist.parallel.mesh import ParallelDims
     from cifar_dist.parallel.report import comm_bytes
 
     ranks, par = VARIANTS[variant]
-    pcfg = ParallelConfig(**{k.split(".")[1]: v for k, v in par.items()})
+    pcfg = ParallelConfig(**{k.split(".")[1]: v for k, v in par.items() if k != PARAM_SPLIT})
     dims = ParallelDims.from_config(pcfg, ranks)
-    model = create_model(model_name, norm="group")
-    return comm_bytes(model, dims, batch / dims.dp) / 2**20
+    return (
+        comm_bytes(_whole(model_name), dims, batch / dims.dp, bounds(model_name, variant)) / 2**20
+    )
+
+
+def flop_shares(model_name: str, variant: str) -> str:
+    """The pipeline stages' forward FLOP shares, e.g. "52/48" ("" without pp)."""
+    from cifar_dist.parallel.report import stage_flop_shares
+
+    b = bounds(model_name, variant)
+    return "/".join(f"{100 * x:.0f}" for x in stage_flop_shares(_whole(model_name), b)) if b else ""
 
 
 # ----- driver ----------------------------------------------------------------------------------
@@ -180,7 +231,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="world sizes to run")
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="*", default=VARIANTS_DEFAULT, choices=list(VARIANTS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
@@ -208,18 +259,20 @@ def main() -> int:
                     "peak_mib": max(r["peak_mib"] for r in per_rank),
                     "delta_mib": max(r["peak_mib"] - r["base_mib"] for r in per_rank),
                     "comm_mib": comm_mib(args.model, v, args.batch),
+                    "stage_flops_pct": flop_shares(args.model, v),
                 }
             )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"\nglobal batch {args.batch}, {args.microbatches} micro-batches, {args.device}\n")
     print(
-        "| model | variant | ranks | step (ms) | peak RSS / rank (MiB) | peak - start (MiB) | comm / rank / step (MiB) |"
+        "| model | variant | ranks | step (ms) | peak RSS / rank (MiB) | peak - start (MiB) "
+        "| comm / rank / step (MiB) | stage FLOPs (%) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['variant']} | {r['ranks']} | {r['step_ms']:.1f} | {r['peak_mib']:.0f} | "
-            f"{r['delta_mib']:.0f} | {r['comm_mib']:.2f} |"
+            f"{r['delta_mib']:.0f} | {r['comm_mib']:.2f} | {r['stage_flops_pct']} |"
         )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

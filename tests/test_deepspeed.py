@@ -160,15 +160,19 @@ def _optimizer_state_numel(path: Path) -> int:
 
 @needs_ds
 @pytest.mark.timeout(300)
-def test_zero2_and_zero3_split_the_optimizer_state_across_ranks(
-    synth_cifar10: Path, runs: Path, zero2_run: Path
+def test_zero_1_2_3_split_the_optimizer_state_across_ranks(
+    synth_cifar10: Path, runs: Path, zero1_run: Path, zero2_run: Path
 ) -> None:
     """Each of the 2 ranks holds the momentum of ~1/2 of the parameters (ZeRO-0 holds all)."""
     extra = {**ZERO_RUN, **DS, "deepspeed.zero_stage": 3, "train.max_steps": 2}
     over = _over(synth_cifar10, runs, "zero3", **{**extra, "train.ckpt_every_steps": 2})
     _check(run_torchrun(2, "train", *cli_args(over), timeout=240))
     params = sum(p.numel() for p in create_model("vit_tiny").parameters())
-    for step in (zero2_run / "checkpoints/step_00000010", runs / "zero3/checkpoints/step_00000002"):
+    for step in (
+        zero1_run / "checkpoints/step_00000010",
+        zero2_run / "checkpoints/step_00000010",
+        runs / "zero3/checkpoints/step_00000002",
+    ):
         held = [
             _optimizer_state_numel(step / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
             for r in (0, 1)

@@ -257,3 +257,21 @@ def test_mix_seed_is_stable_and_order_sensitive() -> None:
     seeds = {mix_seed(0, e, i, 0) for e in range(4) for i in range(256)} | {mix_seed(0, 0, 1, 2)}
     assert len(seeds) == 4 * 256 + 1 and mix_seed(1, 2) != mix_seed(2, 1)
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_sample_augmentation_does_not_depend_on_the_world_size() -> None:
+    """Crop and flip of sample i in epoch e are a function of (seed, epoch, i) only: 1, 2 and
+    4 ranks hand out the same augmented image for every sample (labels = sample indices)."""
+    split = make_split(203)
+    for e in (0, 1):
+        by_sample: dict[int, torch.Tensor] = {}
+        for world in (1, 2, 4):
+            for r in range(world):
+                for x, y in epoch(train_loader(split, rank=r, world=world, micro=8), e):
+                    for img, i in zip(x, y.tolist(), strict=True):
+                        got = by_sample.setdefault(i, img)
+                        assert torch.equal(got, img), (e, world, r, i)
+        chw = torch.from_numpy(split.images.copy()).permute(0, 3, 1, 2)
+        plain = torch.stack([eval_transform("cifar10")(chw[i]) for i in by_sample])
+        moved = torch.stack(list(by_sample.values()))
+        assert (moved != plain).flatten(1).any(1).float().mean() > 0.5  # really augmented
