@@ -131,7 +131,7 @@ def cmd_predict(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_ds_consolidate(args: argparse.Namespace, rest: list[str]) -> int:
-    from cifar_dist.train.ds_checkpoint import write_consolidated
+    from cifar_dist.deepspeed.checkpoint import write_consolidated
 
     out = write_consolidated(Path(args.checkpoint), Path(args.out) if args.out else None, args.tag)
     print(f"wrote {out} (evaluate with: cifar-dist eval --checkpoint {out})")

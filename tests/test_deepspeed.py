@@ -1,7 +1,7 @@
 """DeepSpeed on CPU (its CPU accelerator + gloo): ZeRO vs DDP, resume, consolidation, pipeline.
 
 Every 2-rank job runs once per module (fixtures) and several tests read its run directory.
-DeepSpeed's shared-memory CPU kernel is never built (see parallel/deepspeed.py), so no test
+DeepSpeed's shared-memory CPU kernel is never built (see cifar_dist/deepspeed/runtime.py), so no test
 pays a JIT compilation; optimisers are torch's (DeepSpeed's FusedAdam would JIT-build too).
 """
 
@@ -355,7 +355,7 @@ def test_fp16_on_cpu_is_refused_before_deepspeed_starts(
 def test_no_extension_was_built(tmp_path: Path) -> None:
     """The CPU path builds no DeepSpeed op: a fresh TORCH_EXTENSIONS_DIR stays empty."""
     code = (
-        "import torch; from cifar_dist.parallel.deepspeed import prepare_runtime;"
+        "import torch; from cifar_dist.deepspeed.runtime import prepare_runtime;"
         "prepare_runtime(torch.device('cpu')); from deepspeed.comm import comm;"
         "print(comm.cdb.shm_comm_op)"
     )

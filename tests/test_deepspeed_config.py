@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cifar_dist.config import ConfigError, load_config
-from cifar_dist.parallel import deepspeed_json
+from cifar_dist.deepspeed import ds_json
 from cifar_dist.train.optim import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +34,8 @@ ROUND_TRIP = [
 @pytest.mark.parametrize(("over", "dp"), ROUND_TRIP)
 def test_json_round_trips_the_project_config(over: dict, dp: int) -> None:
     cfg = load_config(None, {**DS, **over})
-    ds = deepspeed_json.generate(cfg, dp, steps_per_epoch=100)
-    assert deepspeed_json.project_view(ds) == {
+    ds = ds_json.generate(cfg, dp, steps_per_epoch=100)
+    assert ds_json.project_view(ds) == {
         "data.batch_size": cfg.data.batch_size,
         "micro_batch": cfg.data.batch_size // (dp * cfg.train.grad_accum),
         "train.grad_accum": cfg.train.grad_accum,
@@ -53,7 +53,7 @@ def test_deepspeed_parses_the_json_the_same_way(over: dict, dp: int) -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
 
     cfg = load_config(None, {**DS, **over})
-    parsed = DeepSpeedConfig(deepspeed_json.generate(cfg, dp, steps_per_epoch=100))
+    parsed = DeepSpeedConfig(ds_json.generate(cfg, dp, steps_per_epoch=100))
     assert parsed.train_batch_size == cfg.data.batch_size
     assert parsed.gradient_accumulation_steps == cfg.train.grad_accum
     assert parsed.train_micro_batch_size_per_gpu == cfg.data.batch_size // cfg.train.grad_accum
@@ -65,7 +65,7 @@ def test_deepspeed_parses_the_json_the_same_way(over: dict, dp: int) -> None:
 def test_example_user_json_merges_and_owned_keys_are_guarded(tmp_path: Path) -> None:
     example = ROOT / "configs/ds/zero2_tuned.json"
     cfg = load_config(None, {**DS, "deepspeed.zero_stage": 2, "deepspeed.config": str(example)})
-    ds = deepspeed_json.build(cfg, dp=2, steps_per_epoch=10)
+    ds = ds_json.build(cfg, dp=2, steps_per_epoch=10)
     user = json.loads(example.read_text())
     assert ds["zero_optimization"]["overlap_comm"] == user["zero_optimization"]["overlap_comm"]
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 128
@@ -74,19 +74,19 @@ def test_example_user_json_merges_and_owned_keys_are_guarded(tmp_path: Path) -> 
     bad.write_text(json.dumps({"train_batch_size": 1024, "zero_optimization": {"stage": 2}}))
     cfg = load_config(None, {**DS, "deepspeed.config": str(bad)})
     with pytest.raises(ConfigError, match=r"sets train_batch_size=1024 .* set data\.batch_size"):
-        deepspeed_json.build(cfg, dp=2, steps_per_epoch=10)
+        ds_json.build(cfg, dp=2, steps_per_epoch=10)
     bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match=r"zero_optimization\.stage=3 .* deepspeed\.zero_stage"):
-        deepspeed_json.build(cfg, dp=2, steps_per_epoch=10)
+        ds_json.build(cfg, dp=2, steps_per_epoch=10)
     bad.write_text(json.dumps({"bf16": {"enabled": True}}))
     with pytest.raises(ConfigError, match=r"bf16\.enabled=True .* set train\.amp"):
-        deepspeed_json.build(cfg, dp=2, steps_per_epoch=10)
+        ds_json.build(cfg, dp=2, steps_per_epoch=10)
     bad.write_text(json.dumps({"optimizer": {"type": "Lamb"}}))
     with pytest.raises(ConfigError, match=r"'optimizer' section but deepspeed\.optimizer=torch"):
-        deepspeed_json.build(cfg, dp=2, steps_per_epoch=10)
+        ds_json.build(cfg, dp=2, steps_per_epoch=10)
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match=r"^deepspeed\.config: .*bad\.json is not valid JSON"):
-        deepspeed_json.build(cfg, dp=2, steps_per_epoch=10)
+        ds_json.build(cfg, dp=2, steps_per_epoch=10)
 
 
 REFUSED = [
@@ -126,7 +126,7 @@ def test_deepspeed_optimizer_section_uses_the_project_hyperparameters() -> None:
             "deepspeed.optimizer": "deepspeed",
         },
     )
-    opt = deepspeed_json.generate(cfg, dp=2, steps_per_epoch=10)["optimizer"]
+    opt = ds_json.generate(cfg, dp=2, steps_per_epoch=10)["optimizer"]
     assert opt["type"] == "AdamW"
     assert opt["params"]["lr"] == pytest.approx(2e-3)  # 1e-3 x 256 / 128 (linear scaling)
     assert opt["params"]["betas"] == [0.9, 0.999]
@@ -159,7 +159,7 @@ def test_deepspeed_schedules_track_the_project_schedules(schedule: str, tol: flo
         over["schedule.warmup_epochs"] = 1.0
     cfg = load_config(None, {**over, "deepspeed.scheduler": "deepspeed"})
     steps_per_epoch = 10
-    section = deepspeed_json.scheduler_section(cfg, steps_per_epoch)
+    section = ds_json.scheduler_section(cfg, steps_per_epoch)
     model = torch.nn.Linear(2, 2)
     ours_opt = build_optimizer(model, cfg.optim, cfg.data.batch_size)
     ours = _lrs(build_scheduler(ours_opt, cfg.schedule, steps_per_epoch, 10), ours_opt, 100)

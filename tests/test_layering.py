@@ -86,3 +86,15 @@ def test_backend_registry_picks_the_layout(over: dict, world: int, expected: str
     cfg = load_config(None, over)
     dims = ParallelDims.from_config(cfg.parallel, world, "cpu")
     assert trainer_for(cfg, dims).__name__ == expected
+
+
+def test_deepspeed_code_lives_in_one_package() -> None:
+    """Only cifar_dist/deepspeed/ imports the deepspeed library (an optional extra)."""
+    outside = [
+        p.relative_to(PKG).as_posix()
+        for p in PKG.rglob("*.py")
+        if "deepspeed" not in p.relative_to(PKG).parts[:1]
+        and any(m == "deepspeed" or m.startswith("deepspeed.") for m in _imports(p))
+    ]
+    assert not outside, outside
+    assert len(list((PKG / "deepspeed").glob("*.py"))) >= 6

@@ -394,7 +394,9 @@ class ParallelConfig:
             "parallel.pp_split",
             "set either parallel.pp_split or parallel.split_points, not both",
         )
-        if self.pp == 1 or self.engine != "torch":  # DeepSpeed's pipeline: deepspeed_checks.py
+        if (
+            self.pp == 1 or self.engine != "torch"
+        ):  # DeepSpeed's pipeline: cifar_dist/deepspeed/checks.py
             return
         interleaved = self.pp_schedule == "interleaved_1f1b"
         _check(
@@ -533,7 +535,7 @@ class Config:
 
         validate(self)
         if self.parallel.engine == "deepspeed":
-            from cifar_dist.config.deepspeed_checks import check_deepspeed
+            from cifar_dist.deepspeed.checks import check_deepspeed
 
             check_deepspeed(self)
             return

@@ -54,6 +54,6 @@ def _pipeline(dims: ParallelDims) -> type[Trainer]:
 @register_backend("deepspeed")
 def _deepspeed(dims: ParallelDims) -> type[Trainer]:
     """ZeRO 0-3, or DeepSpeed's pipeline engine with pp > 1."""
-    from cifar_dist.train.deepspeed_trainer import deepspeed_trainer_class
+    from cifar_dist.deepspeed.trainer import deepspeed_trainer_class
 
     return deepspeed_trainer_class(dims)

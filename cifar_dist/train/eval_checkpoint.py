@@ -22,7 +22,7 @@ def evaluate_checkpoint(
     path: str | Path, overrides: list[str] | None = None, use_ema: bool = True
 ) -> dict[str, float]:
     if Path(path).is_dir():  # a DeepSpeed checkpoint: merge its shards in memory
-        from cifar_dist.train.ds_checkpoint import consolidate
+        from cifar_dist.deepspeed.checkpoint import consolidate
 
         ckpt = consolidate(Path(path))
     else:

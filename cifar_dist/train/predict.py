@@ -63,7 +63,7 @@ def load_model(checkpoint: str | Path, use_ema: bool = True) -> tuple[torch.nn.M
     from cifar_dist.train.eval_checkpoint import _ema_weights
 
     if Path(checkpoint).is_dir():
-        from cifar_dist.train.ds_checkpoint import consolidate
+        from cifar_dist.deepspeed.checkpoint import consolidate
 
         ckpt = consolidate(Path(checkpoint))
     else:

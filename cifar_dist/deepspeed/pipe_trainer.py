@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch import nn
 
 from cifar_dist.config.schema import ConfigError
+from cifar_dist.deepspeed.trainer import DeepSpeedTrainer
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.train.common import StepResult
-from cifar_dist.train.deepspeed_trainer import DeepSpeedTrainer
 
 
 class DeepSpeedPipeTrainer(DeepSpeedTrainer):

@@ -1,6 +1,6 @@
 """DeepSpeed as a parallelism: prepare its runtime on CPU or GPU, then `deepspeed.initialize`.
 
-The JSON itself comes from `deepspeed_json.build` (generated from the project config). On CPU,
+The JSON itself comes from `ds_json.build` (generated from the project config). On CPU,
 DeepSpeed uses its CPU accelerator and, without oneCCL installed, torch's gloo backend; the
 process group is the one `utils.dist` already created (torchrun or the `deepspeed` launcher
 both set RANK/WORLD_SIZE/MASTER_ADDR), so DeepSpeed only wraps it.

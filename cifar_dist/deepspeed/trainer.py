@@ -4,7 +4,7 @@ DeepSpeed's engine does what Trainer._micro_step/_optimizer_step do by hand: `en
 divides the loss by gradient_accumulation_steps and reduces gradients (all-reduce, or
 reduce-scatter from ZeRO-2 on), and `engine.step()`, called after every micro-batch, applies
 clipping, the optimiser and the LR schedule only at the accumulation boundary. Checkpoints are
-DeepSpeed's (see ds_checkpoint.py), resumed with our TrainState, RNG and sampler position.
+DeepSpeed's (see checkpoint.py), resumed with our TrainState, RNG and sampler position.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch.distributed as dist
 from torch import nn
 
 from cifar_dist.config.load import config_to_dict
-from cifar_dist.parallel import deepspeed_json
-from cifar_dist.parallel.deepspeed import initialize, prepare_runtime, write_ds_config
+from cifar_dist.deepspeed import checkpoint as ds_checkpoint
+from cifar_dist.deepspeed import ds_json
+from cifar_dist.deepspeed.runtime import initialize, prepare_runtime, write_ds_config
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.parallel.sync_norm import convert_sync_batchnorm
-from cifar_dist.train import ds_checkpoint
 from cifar_dist.train.checkpoint import CheckpointError
 from cifar_dist.train.common import StepResult, build_model
 from cifar_dist.train.optim import (
@@ -41,7 +41,7 @@ from cifar_dist.utils.seed import rng_state, set_rng_state
 
 def deepspeed_trainer_class(dims: ParallelDims) -> type[Trainer]:
     if dims.pp > 1:
-        from cifar_dist.train.deepspeed_pipe import DeepSpeedPipeTrainer
+        from cifar_dist.deepspeed.pipe_trainer import DeepSpeedPipeTrainer
 
         return DeepSpeedPipeTrainer
     return DeepSpeedTrainer
@@ -66,7 +66,7 @@ class DeepSpeedTrainer(Trainer):
 
     def setup_optim(self) -> None:
         cfg = self.cfg
-        self.ds_config = deepspeed_json.build(cfg, self.dims.dp, self.steps_per_epoch)
+        self.ds_config = ds_json.build(cfg, self.dims.dp, self.steps_per_epoch)
         optimizer: torch.optim.Optimizer | None = None
         scheduler: Any = None
 
