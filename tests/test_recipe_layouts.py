@@ -41,19 +41,20 @@ def _ema(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize(
-    ("name", "layout"),
+    ("name", "nproc", "layout"),
     [
-        ("tp2", {"parallel.tp": 2}),
-        ("pp2", {"parallel.pp": 2}),
-        ("fsdp2", {"parallel.dp_mode": "fsdp"}),
+        ("tp2", 2, {"parallel.tp": 2}),
+        ("pp2", 2, {"parallel.pp": 2}),
+        ("fsdp2", 2, {"parallel.dp_mode": "fsdp"}),
+        ("dp2xpp2", 4, {"parallel.pp": 2}),  # DDP over 2 replicas of a 2-stage pipeline
     ],
-    ids=["tp2", "pp2", "fsdp2"],
+    ids=["tp2", "pp2", "fsdp2", "dp2xpp2"],
 )
 def test_recipe_callbacks_match_single_process(
-    runs: Runs, name: str, layout: dict[str, object]
+    runs: Runs, name: str, nproc: int, layout: dict[str, object]
 ) -> None:
     single = runs.single("airbench_net", **RECIPE)
-    other = runs.torchrun(2, f"recipe_{name}", "airbench_net", **RECIPE, **layout)
+    other = runs.torchrun(nproc, f"recipe_{name}", "airbench_net", **RECIPE, **layout)
     assert_same_run(single, other)  # per-step loss and grad norm, final (Lookahead) weights
     a, b = _ema(single), _ema(other)
     assert a.keys() == b.keys() and int(a["n_averaged"]) == int(b["n_averaged"]) == 10
@@ -62,7 +63,7 @@ def test_recipe_callbacks_match_single_process(
             torch.testing.assert_close(a[k], b[k], atol=1e-8, rtol=0, msg=k)
     sa, sb = (json.loads((r / "summary.json").read_text()) for r in (single, other))
     assert sb["val_loss"] == pytest.approx(sa["val_loss"], abs=1e-6)  # evaluated with EMA
-    if name == "pp2":  # each pipeline rank averaged only its own stages' tensors
+    if name in ("pp2", "dp2xpp2"):  # each pipeline rank averaged only its own stages' tensors
         shards = load_checkpoint(other / "checkpoints/last.pt")["shard_states"]
         k0, k1 = (set(s["ema"]) - {"n_averaged"} for s in shards)
         assert k0 and k1 and not k0 & k1 and k0 | k1 == set(a) - {"n_averaged"}
