@@ -141,24 +141,19 @@ def worker(argv: list[str]) -> None:
 
     from cifar_dist.config import load_config
     from cifar_dist.train import fit as fit_mod
+    from cifar_dist.train.trainer import Trainer
     from cifar_dist.utils.dist import distributed_session
 
     times: list[float] = []
-    choose = fit_mod.trainer_class
+    untimed = Trainer.train_step
 
-    def timed_class(cfg, dims):  # noqa: ANN001, ANN202 - the fit.trainer_class signature
-        base = choose(cfg, dims)
+    def timed_step(self, batches):  # noqa: ANN001, ANN202 - Trainer.train_step's signature
+        t0 = time.perf_counter()
+        out = untimed(self, batches)
+        times.append(time.perf_counter() - t0)
+        return out
 
-        class Timed(base):  # type: ignore[misc, valid-type]
-            def train_step(self, batches):  # noqa: ANN001, ANN202
-                t0 = time.perf_counter()
-                out = super().train_step(batches)
-                times.append(time.perf_counter() - t0)
-                return out
-
-        return Timed
-
-    fit_mod.trainer_class = timed_class  # benchmark-only instrumentation of the step
+    Trainer.train_step = timed_step  # benchmark-only instrumentation of the step
     warmup = int(os.environ["BENCH_WARMUP"])
     cfg = load_config(None, argv)
     with distributed_session(cfg.train.device, cfg.parallel.backend) as info:

@@ -68,6 +68,8 @@ def _check(proc: subprocess.CompletedProcess) -> None:
 # The ViT with clipping on (grad norms 2.5-10, clip 1.0: every step is clipped), so the
 # comparison also covers gradient clipping through DeepSpeed's config.
 ZERO_RUN = {"model.name": "vit_tiny", "train.clip_norm": 1.0}
+# EMA on in the DDP, ZeRO-1 and ZeRO-2 runs (it changes no step): test_zero_ema_matches_ddp.
+EMA = {"train.ema_decay": 0.8}
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +79,17 @@ def runs(synth_cifar10: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_run(synth_cifar10: Path, runs: Path) -> Path:
-    _check(run_torchrun(2, "train", *cli_args(_over(synth_cifar10, runs, "ddp", **ZERO_RUN))))
+    over = _over(synth_cifar10, runs, "ddp", **ZERO_RUN, **EMA)
+    _check(run_torchrun(2, "train", *cli_args(over)))
     return runs / "ddp"
 
 
 @pytest.fixture(scope="module")
 def zero1_run(synth_cifar10: Path, runs: Path) -> Path:
     """ZeRO-1 through launch/deepspeed.sh, i.e. DeepSpeed's own launcher (`--num_gpus 2`)."""
-    over = _over(synth_cifar10, runs, "zero1", **ZERO_RUN, **DS, **{"deepspeed.zero_stage": 1})
+    over = _over(
+        synth_cifar10, runs, "zero1", **ZERO_RUN, **EMA, **DS, **{"deepspeed.zero_stage": 1}
+    )
     proc = run_deepspeed_script(over)
     _check(proc)
     assert "--module cifar_dist train" in proc.stderr  # the launcher line the script echoes
@@ -94,7 +99,7 @@ def zero1_run(synth_cifar10: Path, runs: Path) -> Path:
 @pytest.fixture(scope="module")
 def zero2_run(synth_cifar10: Path, runs: Path) -> Path:
     """ZeRO-2 under torchrun, checkpointing every 5 steps (the resume test restarts at 5)."""
-    extra = {**ZERO_RUN, **DS, "deepspeed.zero_stage": 2, "train.ckpt_every_steps": 5}
+    extra = {**ZERO_RUN, **EMA, **DS, "deepspeed.zero_stage": 2, "train.ckpt_every_steps": 5}
     _check(run_torchrun(2, "train", *cli_args(_over(synth_cifar10, runs, "zero2", **extra))))
     return runs / "zero2"
 
@@ -140,7 +145,7 @@ def test_zero2_resume_continues_the_same_curve(
     shutil.copytree(zero2_run / "checkpoints", resumed / "checkpoints")
     assert (resumed / "checkpoints/step_00000005").is_dir()
     (resumed / "checkpoints/latest").write_text("step_00000005")
-    extra = {**ZERO_RUN, **DS, "deepspeed.zero_stage": 2, "train.resume": "auto"}
+    extra = {**ZERO_RUN, **EMA, **DS, "deepspeed.zero_stage": 2, "train.resume": "auto"}
     proc = run_torchrun(2, "train", *cli_args(_over(synth_cifar10, runs, resumed.name, **extra)))
     _check(proc)
     assert "resumed at epoch 1, step 5" in proc.stdout + proc.stderr
@@ -148,6 +153,38 @@ def test_zero2_resume_continues_the_same_curve(
     assert [r["step"] for r in after] == [6, 7, 8, 9, 10]
     full = step_losses(zero2_run)[5:]
     assert max(abs(r["step/loss"] - f) for r, f in zip(after, full)) <= 1e-6, (after, full)
+    # The EMA went through the checkpoint's client state and went on averaging.
+    a, b = (_ema(r / "checkpoints/step_00000010") for r in (zero2_run, resumed))
+    assert int(b["n_averaged"]) == 10
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+
+
+def _ema(tag_dir: Path) -> dict[str, torch.Tensor]:
+    from cifar_dist.deepspeed.checkpoint import client_state
+
+    return client_state(tag_dir)["ema"]
+
+
+@needs_ds
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_ema_matches_ddp(request: pytest.FixtureRequest, ddp_run: Path, stage: int) -> None:
+    """EMA with ZeRO: every rank averages the whole updated module after each applied step,
+    in float32; the average equals DDP's (same tolerance reasoning as the losses) and the run
+    is evaluated with it (its val loss is DDP's, EMA-evaluated too)."""
+    zero = request.getfixturevalue(f"zero{stage}_run")
+    ddp = load_checkpoint(ddp_run / "checkpoints/last.pt")["ema"]
+    ours = _ema(zero / "checkpoints/step_00000010")
+    assert ours.keys() == ddp.keys() and int(ours["n_averaged"]) == int(ddp["n_averaged"]) == 10
+    raw = load_checkpoint(ddp_run / "checkpoints/last.pt")["model"]
+    moved = 0
+    for k, v in ddp.items():
+        if k != "n_averaged" and v.is_floating_point():
+            assert ours[k].dtype == torch.float32
+            torch.testing.assert_close(ours[k], v, atol=1e-5, rtol=0, msg=k)
+            moved += not torch.equal(v, raw[k.removeprefix("module.")])
+    assert moved  # the average is not the raw final weights
+    assert _summary(zero)["val_loss"] == pytest.approx(_summary(ddp_run)["val_loss"], abs=1e-4)
 
 
 def _optimizer_state_numel(path: Path) -> int:

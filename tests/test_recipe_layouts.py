@@ -70,9 +70,20 @@ def test_recipe_callbacks_match_single_process(
 
 
 def test_deepspeed_refusals_say_why() -> None:
-    for key, value in (("train.ema_decay", 0.9), ("train.lookahead_every", 2)):
-        with pytest.raises(ConfigError, match=rf"^{key}: .*DeepSpeed"):
-            load_config(None, {"parallel.engine": "deepspeed", key: value})
+    """What DeepSpeed cannot run is refused at config load, in one line naming the key (EMA
+    itself runs with ZeRO 0-2: test_deepspeed.py::test_zero_ema_matches_ddp)."""
+    ds = {"parallel.engine": "deepspeed"}
+    refused = [
+        ({"train.lookahead_every": 2}, "train.lookahead_every", "DeepSpeed"),
+        ({"model.whiten_init": 64, "model.name": "airbench_net"}, "model.whiten_init", "DeepSpeed"),
+        ({"train.ema_decay": 0.9, "deepspeed.zero_stage": 3}, "train.ema_decay", "ZeRO-3"),
+        ({"train.ema_decay": 0.9, "parallel.pp": 2}, "train.ema_decay", "pipeline engine"),
+    ]
+    for over, key, why in refused:
+        with pytest.raises(ConfigError, match=rf"^{key}: .*{why}"):
+            load_config(None, {**ds, **over})
+    for stage in (0, 1, 2):
+        load_config(None, {**ds, "train.ema_decay": 0.9, "deepspeed.zero_stage": stage})
 
 
 @pytest.mark.distributed

@@ -199,7 +199,7 @@ def consolidate(path: Path, tag: str | None = None) -> dict[str, Any]:
     weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     return {
         "model": weights,
-        "ema": None,
+        "ema": ours.get("ema"),  # float32 full tensors (ZeRO 0-2 runs with train.ema_decay)
         "config": ours["config"],
         "train_state": ours["train_state"],
         "source": str(tag_dir),

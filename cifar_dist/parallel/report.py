@@ -159,7 +159,7 @@ def _mesh(trainer: Any) -> dict[str, Any]:
         "dp_mode": dims.dp_mode,
         "engine": cfg.parallel.engine,
     }
-    ds = getattr(trainer, "ds_config", None)
+    ds = getattr(trainer.backend, "ds_config", None)
     if isinstance(ds, dict):
         mesh["zero_stage"] = ds.get("zero_optimization", {}).get("stage", 0)
     return mesh
@@ -171,12 +171,14 @@ def build_report(trainer: Any, whole: nn.Module) -> dict[str, Any]:
     train)."""
     dims, info, cfg = trainer.dims, trainer.info, trainer.cfg
     counts = local_params(trainer.model)
-    held = getattr(trainer, "ds_module", trainer.model)  # DeepSpeed pipe: this stage's module
+    held = getattr(
+        trainer.backend, "ds_module", trainer.model
+    )  # DeepSpeed pipe: this stage's module
     if held is not trainer.model:
         counts.update({k: v for k, v in local_params(held).items() if k != "total"})
     mine = {"rank": info.rank, **dims.coords(info.rank)._asdict(), **counts}
     ranks = _gather(mine)
-    plan = getattr(trainer, "plan", None)
+    plan = getattr(trainer.backend, "plan", None)
     bounds = plan.bounds if plan is not None and dims.pp > 1 else None
     elem = torch.finfo(trainer.dtype).bits // 8 if trainer.dtype.is_floating_point else 4
     per_rank_batch = cfg.data.batch_size / dims.dp

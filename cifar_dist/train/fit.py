@@ -20,6 +20,7 @@ from cifar_dist.config.schema import Config
 from cifar_dist.logging.sinks import MultiSink, Sink, build_sinks
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.parallel.report import finish_report, start_report
+from cifar_dist.train.backends import backend_for
 from cifar_dist.train.common import Preempted, build_model, micro_batch_size
 from cifar_dist.train.preemption import clear_markers, write_markers
 from cifar_dist.train.trainer import Trainer
@@ -180,13 +181,6 @@ def preemption_handlers() -> Iterator[list[Any]]:
             signal.signal(s, h)
 
 
-def trainer_class(cfg: Config, dims: ParallelDims) -> type[Trainer]:
-    """The training backend for this layout (registry: cifar_dist/train/backends.py)."""
-    from cifar_dist.train.backends import trainer_for
-
-    return trainer_for(cfg, dims)
-
-
 def run_training(cfg: Config, info: DistInfo, sinks: Sequence[Sink] = ()) -> dict[str, Any]:
     with preemption_handlers() as signal_targets:
         return _run_training(cfg, info, sinks, signal_targets)
@@ -211,9 +205,9 @@ def _run_training(
         dump_config(cfg, run_dir / "config.yaml")
     clear_markers(run_dir, info.rank, info.local_rank)  # a stale marker must not mean "pre-empted"
     barrier()
-    trainer_cls = trainer_class(cfg, dims)
+    backend_cls = backend_for(cfg, dims)  # the layout's backend (train/backends/)
     # tp and pp peers of one data-parallel replica must read the same batches.
-    data_rank = trainer_cls.data_rank(info.rank, dims)
+    data_rank = backend_cls.data_rank(info.rank, dims)
     maybe_inject_fault(0, info.rank)  # step 0 = during set-up (tests: a signal before training)
     train_loader, eval_loaders, classes = build_data(cfg, data_rank, dims.dp, info.device)
     sink = build_sinks(cfg, run_dir, info.is_main, config_to_dict(cfg))
@@ -221,7 +215,8 @@ def _run_training(
     if sinks:
         sink = MultiSink([sink, *sinks])
     try:
-        trainer = trainer_cls(cfg, info, dims, (train_loader, eval_loaders), run_dir, sink)
+        loaders = (train_loader, eval_loaders)
+        trainer = Trainer(cfg, info, dims, loaders, run_dir, sink, backend_cls)
         signal_targets.append(trainer)  # first, then take over a signal that came during set-up
         trainer.signal_received = trainer.signal_received or signal_targets[0].signal_received
         resumed = trainer.resume(cfg.train.resume)  # collective for some trainers: every rank

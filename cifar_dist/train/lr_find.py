@@ -28,6 +28,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from cifar_dist.config.schema import Config, ConfigError
 from cifar_dist.logging.sinks import Sink
 from cifar_dist.parallel.mesh import ParallelDims
+from cifar_dist.train.callbacks.ema import EMA
+from cifar_dist.train.callbacks.recipe import LookaheadAveraging
 from cifar_dist.train.common import NonFiniteError
 from cifar_dist.train.optim import build_optimizer
 from cifar_dist.train.trainer import Trainer
@@ -93,8 +95,9 @@ def range_test(
 ) -> RangeTest:
     """Run the sweep on a freshly built `trainer` (it is trained in place)."""
     lrs = exp_lrs(start, end, steps)
-    if getattr(trainer, "lookahead", None) is not None:
-        trainer.lookahead = None  # weight averaging would blur the loss-vs-LR curve
+    # Weight averaging (Lookahead, EMA) would blur the loss-vs-LR curve.
+    averaging = (EMA, LookaheadAveraging)
+    trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, averaging)]
     trainer.optimizer = build_optimizer(
         trainer.model, trainer.cfg.optim, trainer.cfg.data.batch_size
     )
@@ -143,7 +146,7 @@ def lr_find(
     cfg: Config, start: float, end: float, steps: int, beta: float = 0.9, diverge: float = 4.0
 ) -> dict[str, Any]:
     """Build the run's trainer, sweep, write lr_find.{json,png}; returns the JSON record."""
-    from cifar_dist.train.fit import build_data, resolve_run_dir, trainer_class
+    from cifar_dist.train.fit import build_data, resolve_run_dir
 
     with distributed_session(cfg.train.device, cfg.parallel.backend) as info:
         if info.distributed:
@@ -159,7 +162,7 @@ def lr_find(
         run_dir = resolve_run_dir(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         loaders = build_data(cfg, 0, 1, info.device)[:2]
-        trainer = trainer_class(cfg, dims)(cfg, info, dims, loaders, run_dir, Sink())
+        trainer = Trainer(cfg, info, dims, loaders, run_dir, Sink())
         result = range_test(trainer, cfg.optim.lr, start, end, steps, beta, diverge)
     record = {
         "suggested_lr": result.suggestion,

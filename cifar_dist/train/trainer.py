@@ -1,9 +1,12 @@
-"""The training loop: one Trainer per run, built from a Config and the process's DistInfo."""
+"""The training loop: one Trainer per run, built from a Config and the process's DistInfo.
+
+The Trainer owns the epoch loop, the step's decisions (non-finite steps, pre-emption), the
+recipe callbacks, logging and what a checkpoint holds; everything that differs per parallel
+layout is its backend's (train/backends/: torch, pipeline, deepspeed)."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,14 +21,9 @@ from tqdm import tqdm
 from cifar_dist.config.schema import Config, ConfigError
 from cifar_dist.logging.sinks import Sink
 from cifar_dist.parallel.mesh import ParallelDims
-from cifar_dist.parallel.parallelize import parallelize
+from cifar_dist.train.backends import backend_for
+from cifar_dist.train.backends.base import Backend
 from cifar_dist.train.callbacks import build_callbacks
-from cifar_dist.train.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
 from cifar_dist.train.common import (
     AMP_DTYPES,
     NonFiniteError,
@@ -34,7 +32,6 @@ from cifar_dist.train.common import (
     build_model,
 )
 from cifar_dist.train.metrics import evaluate
-from cifar_dist.train.optim import build_optimizer, build_scheduler
 from cifar_dist.train.state import TrainState
 from cifar_dist.utils.dist import DistInfo, all_reduce_sum
 from cifar_dist.utils.faults import maybe_die_in_collective, maybe_inject_fault
@@ -50,8 +47,11 @@ class Trainer:
         loaders: tuple,
         run_dir: Path,
         sink: Sink,
+        backend_cls: type[Backend] | None = None,
     ) -> None:
+        """`backend_cls`: the layout's backend (default: the registry's for cfg and dims)."""
         self.cfg, self.info, self.dims, self.run_dir, self.sink = cfg, info, dims, run_dir, sink
+        backend_cls = backend_cls or backend_for(cfg, dims)
         self.device = info.device
         self.train_loader, self.eval_loaders = loaders
         self.amp_dtype = AMP_DTYPES[cfg.train.amp]
@@ -75,8 +75,9 @@ class Trainer:
         self.eval_group: dist.ProcessGroup | None = None
         for cb in self.callbacks:
             cb.before_prepare(self)
-        self.setup_parallel()
-        self.setup_optim()
+        self.backend = backend_cls(self)
+        self.backend.prepare()
+        self.backend.build_optimizer()
         for cb in self.callbacks:
             cb.setup(self)
         self.state = TrainState()
@@ -85,44 +86,77 @@ class Trainer:
             False  # the all-ranks decision derived from it, taken at a step boundary
         )
 
-    # ----- hooks a strategy (pipeline, DeepSpeed) overrides -----------------------------------
-    @staticmethod
-    def data_rank(rank: int, dims: ParallelDims) -> int:
-        """Which data-parallel shard global rank `rank` reads: its dp coordinate on the mesh."""
-        return dims.coords(rank).dp
+    # ----- what backends share: batches, precision, loss --------------------------------------
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
 
-    def setup_parallel(self) -> None:
-        """Wrap `self.model` for the parallel layout; sets `self.train_model` (what forward calls)."""
-        self.train_model = parallelize(self.model, self.dims, self.cfg, self.device)
+    def prepare_batch(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images on the device in the model's dtype and memory format; labels on the device
+        (soft labels from mixup/cutmix in the model's dtype)."""
+        images = images.to(self.device, self.dtype, non_blocking=True)
+        images = images.contiguous(memory_format=self.memory_format)
+        labels = labels.to(self.device, non_blocking=True)
+        if labels.is_floating_point():
+            labels = labels.to(self.dtype)
+        return images, labels
 
-    def setup_optim(self) -> None:
-        """Optimiser and LR schedule over `self.model`'s parameters."""
-        cfg = self.cfg
-        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.data.batch_size)
-        self.scheduler = build_scheduler(
-            self.optimizer, cfg.schedule, self.steps_per_epoch, cfg.train.epochs
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
         )
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing
+        )
+
+    @staticmethod
+    def correct(logits: torch.Tensor, labels: torch.Tensor) -> float:
+        hard = labels if labels.ndim == 1 else labels.argmax(dim=1)
+        return float((logits.detach().argmax(dim=1) == hard).sum())
+
     def live_state(self) -> dict[str, torch.Tensor]:
-        """This rank's live parameters and buffers under the full model's names (what the
-        recipe callbacks average): DTensors for tp / fsdp, a pipeline rank's own stages."""
-        return self.model.state_dict(keep_vars=True)
+        """This rank's live weights under the full model's names (see Backend.live_state)."""
+        return self.backend.live_state()
 
-    def clip_gradients(self, max_norm: float) -> float:
-        """Global gradient norm (before clipping), clipping to `max_norm` (inf = measure only)."""
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-
+    # ----- one optimiser step ------------------------------------------------------------------
     def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
         """One optimiser step over `grad_accum` micro-batches drawn from `batches`."""
-        out = StepResult(lr=self.optimizer.param_groups[0]["lr"])
-        for i in range(self.accum):
-            images, labels = next(batches)
-            loss, correct = self._micro_step(images, labels, sync=i == self.accum - 1)
-            out.add(loss, correct, labels.shape[0])
-        out.grad_norm = self._optimizer_step(out.losses)
+        out = self.backend.forward_backward(batches)
+        out.grad_norm, applied = self.backend.optimizer_step(out.losses)
+        if applied:
+            for cb in self.callbacks:
+                cb.after_step(self, self.state.step + 1)  # this step's 1-based index
         return out
 
-    # ----- checkpoints -------------------------------------------------------------------------
+    def agree(self, finite: bool) -> bool:
+        """Whether every rank's step is finite, and whether any rank was signalled to stop
+        (`stop_requested`): every rank takes the same decisions, from one small all-reduce."""
+        self.stop_requested = self.signal_received is not None
+        if self.info.distributed:
+            flags = torch.tensor(
+                [float(not finite), float(self.stop_requested)], device=self.device
+            )
+            maybe_die_in_collective(self.state.step + 1, self.info.rank, flags)
+            dist.all_reduce(flags)
+            finite, self.stop_requested = bool(flags[0] == 0), bool(flags[1] > 0)
+        return finite
+
+    def count_nonfinite_step(self) -> None:
+        """One more consecutive non-finite step; stop the run after train.max_nonfinite of them."""
+        self.state.nonfinite_run += 1
+        if self.state.nonfinite_run >= self.cfg.train.max_nonfinite:
+            raise NonFiniteError(
+                f"training diverged: {self.state.nonfinite_run} consecutive non-finite losses/grad "
+                f"norms at step {self.state.step} (lower optim.lr, or set train.clip_norm)"
+            )
+
+    # ----- checkpoints: our state here, the weights' and the file layout from the backend ------
     def state_dict(self) -> dict[str, Any]:
         from cifar_dist.config.load import config_to_dict
 
@@ -131,12 +165,8 @@ class Trainer:
         if self.info.distributed:
             per_rank = [None] * self.info.world_size
             dist.all_gather_object(per_rank, (rng_state(), self.state.to_dict()))
-        model_state, optim_state = self.model_optim_state_dict()
         return {
-            "model": model_state,
-            "optimizer": optim_state,
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
+            **self.backend.checkpoint_state(),
             "ema": None,  # replaced by the EMA callback's state when train.ema_decay > 0
             **{cb.key: cb.state_dict(self) for cb in self.callbacks if cb.key},
             "rng": [r for r, _ in per_rank],
@@ -145,20 +175,9 @@ class Trainer:
             "config": config_to_dict(self.cfg),
         }
 
-    def model_optim_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The model's and optimiser's state for a checkpoint (a mesh trainer gathers full
-        tensors; a pipeline rank returns its own stages' share)."""
-        return self.model.state_dict(), self.optimizer.state_dict()
-
-    def load_model_optim_state_dict(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
-        self.model.load_state_dict(model)
-        self.optimizer.load_state_dict(optim)
-
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        self.load_model_optim_state_dict(ckpt["model"], ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scaler and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
+        ckpt = self.backend.localize(ckpt)
+        self.backend.load_checkpoint_state(ckpt)
         for cb in self.callbacks:
             if cb.key and ckpt.get(cb.key) is not None:
                 cb.load_state_dict(self, ckpt[cb.key])
@@ -171,111 +190,16 @@ class Trainer:
 
     def resume(self, spec: str) -> bool:
         """Load the checkpoint train.resume names ('auto' = newest valid one); False if none."""
-        if not spec:
+        ckpt = self.backend.read_checkpoint(spec) if spec else None
+        if ckpt is None:
             return False
-        if spec == "auto":
-            found = latest_checkpoint(
-                self.run_dir / "checkpoints", map_location=self.device, warn=self.info.is_main
-            )
-            if found is None:
-                return False
-            ckpt = found[1]
-        else:
-            ckpt = load_checkpoint(Path(spec), map_location=self.device)
         self.load_state_dict(ckpt)
         return True
 
     def save(self) -> None:
         state = self.state_dict()  # collective: every rank takes part
-        path, error = None, None
-        if self.info.is_main:
-            try:
-                path = save_checkpoint(state, self.run_dir / "checkpoints", self.state.step)
-            except CheckpointError as e:
-                error = e
-        # Every rank learns whether rank 0's write failed and stops with it (a rank that went
-        # on would wait in its next collective for a peer that has left).
-        if all_reduce_sum(float(error is not None), self.device) > 0:
-            raise error or CheckpointError(
-                f"checkpoint at step {self.state.step}: rank 0 could not write it (see its error)"
-            )
+        path = self.backend.write_checkpoint(state)
         self.sink.checkpoint(path, self.state.step)
-
-    # ----- one optimiser step ------------------------------------------------------------------
-    def count_nonfinite_step(self) -> None:
-        """One more consecutive non-finite step; stop the run after train.max_nonfinite of them."""
-        self.state.nonfinite_run += 1
-        if self.state.nonfinite_run >= self.cfg.train.max_nonfinite:
-            raise NonFiniteError(
-                f"training diverged: {self.state.nonfinite_run} consecutive non-finite losses/grad "
-                f"norms at step {self.state.step} (lower optim.lr, or set train.clip_norm)"
-            )
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(
-            logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing
-        )
-
-    def _micro_step(
-        self, images: torch.Tensor, labels: torch.Tensor, sync: bool
-    ) -> tuple[float, float]:
-        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
-        images = images.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=fmt)
-        labels = labels.to(self.device, non_blocking=True)
-        if labels.is_floating_point():  # soft labels from mixup/cutmix
-            labels = labels.to(self.dtype)
-        no_sync = getattr(self.train_model, "no_sync", None)
-        ctx = no_sync() if (no_sync and not sync) else contextlib.nullcontext()
-        with ctx:
-            with torch.autocast(
-                self.device.type,
-                dtype=self.amp_dtype or torch.float32,
-                enabled=self.amp_dtype is not None,
-            ):
-                logits = self.train_model(images)
-            loss = self._loss(logits, labels)
-            scaled = loss / self.accum
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-        hard = labels if labels.ndim == 1 else labels.argmax(dim=1)
-        correct = float((logits.argmax(dim=1) == hard).sum())
-        return float(loss.detach()), correct
-
-    def _optimizer_step(self, losses: list[float]) -> float:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        for cb in self.callbacks:
-            cb.before_optimizer_step(self)
-        max_norm = self.cfg.train.clip_norm or math.inf
-        norm = self.clip_gradients(max_norm)
-        finite = all(math.isfinite(v) for v in losses) and (
-            self.scaler is not None or math.isfinite(norm)
-        )
-        self.stop_requested = self.signal_received is not None
-        if self.info.distributed:  # every rank must take the same decisions: one small all-reduce
-            flags = torch.tensor(
-                [float(not finite), float(self.stop_requested)], device=self.device
-            )
-            maybe_die_in_collective(self.state.step + 1, self.info.rank, flags)
-            dist.all_reduce(flags)
-            finite, self.stop_requested = bool(flags[0] == 0), bool(flags[1] > 0)
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler:
-                self.scaler.update()
-            self.state.skipped_steps += 1
-            self.count_nonfinite_step()
-            return norm
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        for cb in self.callbacks:
-            cb.after_step(self, self.state.step + 1)  # this step's 1-based index
-        self.state.nonfinite_run = 0
-        return norm
 
     # ----- epochs ------------------------------------------------------------------------------
     def _max_steps_reached(self) -> bool:
@@ -348,13 +272,16 @@ class Trainer:
         bar.close()
 
     def eval_model(self) -> nn.Module:
-        return self.model
+        return self.backend.eval_module()
 
     def evaluate_split(self, split: str, confusion: bool = False) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:  # e.g. the EMA weights swapped in meanwhile
             for cb in self.callbacks:
                 stack.enter_context(cb.eval_weights(self))
-            return self._evaluate(split, confusion)
+            res = self._evaluate(split, confusion)
+        if "confusion" in res:
+            res["confusion"] = res["confusion"] // self.backend.eval_copies
+        return res
 
     def _evaluate(self, split: str, confusion: bool) -> dict[str, Any]:
         return evaluate(

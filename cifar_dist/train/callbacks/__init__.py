@@ -42,6 +42,6 @@ def validate(cfg: Config) -> None:
     """One ConfigError naming the key when a recipe option cannot run with the layout."""
     backend = backend_name(cfg)
     for cb in build_callbacks(cfg):
-        reason = cb.supports(backend)
+        reason = cb.supports(backend, cfg)
         if reason:
             raise ConfigError(f"{cb.config_key}: {reason}")

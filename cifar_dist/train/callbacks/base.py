@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 if TYPE_CHECKING:
+    from cifar_dist.config.schema import Config
     from cifar_dist.train.trainer import Trainer
 
 BACKENDS = ("torch", "pipeline", "deepspeed")
@@ -31,8 +32,8 @@ class Callback:
     unsupported: ClassVar[dict[str, str]] = {}
     """backend -> why the callback cannot run with it."""
 
-    def supports(self, backend: str) -> str | None:
-        """None when the callback runs with `backend`, else the reason it cannot."""
+    def supports(self, backend: str, cfg: Config) -> str | None:
+        """None when the callback runs with `backend` and `cfg`'s layout, else why it cannot."""
         return self.unsupported.get(backend)
 
     def before_prepare(self, trainer: Trainer) -> None:

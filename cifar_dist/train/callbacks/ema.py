@@ -22,16 +22,28 @@ from torch import Tensor
 from cifar_dist.train.callbacks.base import Callback, like_live, local, swap_into, to_full
 
 if TYPE_CHECKING:
+    from cifar_dist.config.schema import Config
     from cifar_dist.train.trainer import Trainer
+
+
+def _half(t: Tensor) -> bool:
+    return t.dtype in (torch.bfloat16, torch.float16)
 
 
 class EMA(Callback):
     config_key = "train.ema_decay"
     key = "ema"
-    unsupported = {
-        "deepspeed": "EMA is not available with engine=deepspeed (DeepSpeed owns the weights; "
-        "ZeRO-3 and the pipeline engine keep only a shard on each rank)",
-    }
+
+    def supports(self, backend: str, cfg: Config) -> str | None:
+        # ZeRO 0-2 leave every rank the whole updated module after each step (averaged here,
+        # in float32 also when DeepSpeed's module is bf16); ZeRO-3 and the pipeline engine
+        # keep only a shard or a stage's layers of it.
+        if backend == "deepspeed" and (cfg.deepspeed.zero_stage == 3 or cfg.parallel.pp > 1):
+            return (
+                "EMA with engine=deepspeed needs the whole module on every rank: ZeRO stage 0-2 "
+                "without pp (ZeRO-3 and DeepSpeed's pipeline engine keep only a shard or a stage)"
+            )
+        return None
 
     def __init__(self, decay: float) -> None:
         self.decay = decay
@@ -39,14 +51,19 @@ class EMA(Callback):
         self.n_averaged = 0
 
     def setup(self, trainer: Trainer) -> None:
-        self.avg = {k: v.detach().clone() for k, v in trainer.live_state().items()}
+        # float32 averages of half-precision weights (DeepSpeed's bf16 module): a bf16 lerp
+        # with decay 0.999 would round most updates away.
+        self.avg = {
+            k: v.detach().clone().to(torch.float32 if _half(v) else v.dtype)
+            for k, v in trainer.live_state().items()
+        }
 
     @torch.no_grad()
     def after_step(self, trainer: Trainer, step: int) -> None:
         live = trainer.live_state()
         floats = [k for k, v in self.avg.items() if torch.is_floating_point(v)]
         avg = [local(self.avg[k]) for k in floats]
-        cur = [local(live[k].detach()) for k in floats]
+        cur = [local(live[k].detach()).to(self.avg[k].dtype) for k in floats]
         if self.n_averaged == 0:
             torch._foreach_copy_(avg, cur)
         else:

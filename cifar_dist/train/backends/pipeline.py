@@ -1,4 +1,4 @@
-"""Trainer for pipeline parallelism (pp > 1, optionally dp x pp with DDP over dp).
+"""Backend for pipeline parallelism (pp > 1, optionally dp x pp with DDP over dp).
 
 One optimiser step is one `schedule.step`: the rank batch is cut into `parallel.microbatches`
 micro-batches, the last stage computes the loss, and the loss, accuracy and gradient norm are
@@ -9,7 +9,7 @@ rank plus a manifest that merges into a single-process state dict.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,22 +26,22 @@ from cifar_dist.parallel.pipeline import (
     release_other_layers,
     warn_batchnorm,
 )
+from cifar_dist.train.backends.base import Backend, Batches
 from cifar_dist.train.callbacks.base import like_live, to_full
 from cifar_dist.train.checkpoint import CheckpointError, save_checkpoint, step_filename
 from cifar_dist.train.common import StepResult, micro_batch_size
 from cifar_dist.train.grad_norm import clip_grad_norm
-from cifar_dist.train.mesh_trainer import MeshTrainer
-from cifar_dist.train.optim import build_optimizer, build_scheduler
 from cifar_dist.utils.dist import barrier
 
 IMAGE_SHAPE = (3, 32, 32)  # every registered model takes CIFAR-sized images
 
 
-class PipelineTrainer(MeshTrainer):
-    def setup_parallel(self) -> None:
-        cfg, dims = self.cfg, self.dims
-        dims.check_model(self.model, cfg.parallel)  # the same ConfigError on every rank
-        coords = dims.coords(self.info.rank)
+class PipelineBackend(Backend):
+    def prepare(self) -> None:
+        t = self.trainer
+        cfg, dims = t.cfg, t.dims
+        dims.check_model(t.model, cfg.parallel)  # the same ConfigError on every rank
+        coords = dims.coords(t.info.rank)
         self.pp_rank = coords.pp
         self.rank_batch = micro_batch_size(cfg, dims.dp)
         if self.rank_batch % cfg.parallel.microbatches:
@@ -49,75 +49,60 @@ class PipelineTrainer(MeshTrainer):
                 f"parallel.microbatches: {cfg.parallel.microbatches} does not divide the "
                 f"per-rank batch {self.rank_batch} (data.batch_size / dp)"
             )
-        warn_batchnorm(self.model, self.info.is_main)
-        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        warn_batchnorm(t.model, t.info.is_main)
         micro = torch.zeros(
             (self.rank_batch // cfg.parallel.microbatches, *IMAGE_SHAPE),
-            dtype=self.dtype,
-            device=self.device,
-        ).contiguous(memory_format=fmt)
-        self.plan = plan_pipeline(self.model, coords.pp, dims.pp, cfg.parallel, micro)
-        acts = example_activations(self.model, self.plan.bounds, micro)
-        release_other_layers(self.model, self.plan)
-        self.eval_group = dims.group("dp")
+            dtype=t.dtype,
+            device=t.device,
+        ).contiguous(memory_format=t.memory_format)
+        self.plan = plan_pipeline(t.model, coords.pp, dims.pp, cfg.parallel, micro)
+        acts = example_activations(t.model, self.plan.bounds, micro)
+        release_other_layers(t.model, self.plan)
+        t.eval_group = dims.group("dp")
         self.pp_group = dims.group("pp")
-        wrapped = [parallelize(m, dims, cfg, self.device) for m in self.plan.modules]
-        self.stages = build_stages(self.plan, wrapped, acts, self.device, self.pp_group)
-        self.schedule = build_schedule(self.stages, cfg.parallel, self._loss)
+        wrapped = [parallelize(m, dims, cfg, t.device) for m in self.plan.modules]
+        self.stages = build_stages(self.plan, wrapped, acts, t.device, self.pp_group)
+        self.schedule = build_schedule(self.stages, cfg.parallel, t.loss)
         self.has_first = 0 in self.plan.stage_ids
         self.has_last = self.plan.num_stages - 1 in self.plan.stage_ids
         # The last stage sits on pp rank pp-1 (looped placement), in this rank's dp replica.
         self.last_rank = dims.rank_of(dims.pp - 1, coords.dp, coords.tp)
         # What train()/eval() toggle, and what the optimiser and checkpoints see: held stages.
-        self.train_model = nn.ModuleList(self.plan.modules)
+        t.train_model = nn.ModuleList(self.plan.modules)
 
-    def setup_optim(self) -> None:
-        cfg = self.cfg
-        self.optimizer = build_optimizer(self.train_model, cfg.optim, cfg.data.batch_size)
-        self.scheduler = build_scheduler(
-            self.optimizer, cfg.schedule, self.steps_per_epoch, cfg.train.epochs
-        )
+    def optim_module(self) -> nn.Module:
+        return self.trainer.train_model
 
     def clip_gradients(self, max_norm: float) -> float:
-        return clip_grad_norm(list(self.train_model.parameters()), max_norm, self.pp_group)
+        params = list(self.trainer.train_model.parameters())
+        return clip_grad_norm(params, max_norm, self.pp_group)
 
     # ----- one optimiser step ------------------------------------------------------------------
-    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
-        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
-        return images.to(self.device, self.dtype).contiguous(memory_format=fmt)
-
-    def _from_last_stage(self, values: torch.Tensor) -> torch.Tensor:
+    def from_last_stage(self, values: torch.Tensor) -> torch.Tensor:
         """`values` as computed on the last stage, on every rank of this pipeline."""
         dist.broadcast(values, src=self.last_rank, group=self.pp_group)
         return values
 
-    def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
-        out = StepResult(lr=self.optimizer.param_groups[0]["lr"])
-        images, labels = next(batches)
-        labels = labels.to(self.device)
-        if labels.is_floating_point():  # soft labels from mixup/cutmix
-            labels = labels.to(self.dtype)
+    def forward_backward(self, batches: Batches) -> StepResult:
+        """One `schedule.step` over the rank batch (parallel.microbatches micro-batches)."""
+        t = self.trainer
+        out = StepResult(lr=t.optimizer.param_groups[0]["lr"])
+        images, labels = t.prepare_batch(*next(batches))
         losses: list[torch.Tensor] = []
-        args = (self._inputs(images),) if self.has_first else ()
-        with torch.autocast(
-            self.device.type,
-            dtype=self.amp_dtype or torch.float32,
-            enabled=self.amp_dtype is not None,
-        ):
+        args = (images,) if self.has_first else ()
+        with t.autocast():
             logits = self.schedule.step(*args, target=labels, losses=losses)
-        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        stats = torch.zeros(2, dtype=torch.float64, device=t.device)
         if self.has_last:
-            hard = labels if labels.ndim == 1 else labels.argmax(dim=1)
             # Equal micro-batches: the mean of their mean losses is the rank batch's mean loss.
             stats[0] = torch.stack([x.detach().double() for x in losses]).mean()
-            stats[1] = (logits.argmax(dim=1) == hard).sum()
-        loss, correct = self._from_last_stage(stats).tolist()
+            stats[1] = t.correct(logits, labels)
+        loss, correct = self.from_last_stage(stats).tolist()
         out.add(loss, correct, labels.shape[0])
-        out.grad_norm = self._optimizer_step(out.losses)
         return out
 
     # ----- evaluation --------------------------------------------------------------------------
-    def eval_model(self) -> nn.Module:
+    def eval_module(self) -> nn.Module:
         return PipelineForward(self)
 
     # ----- checkpoints -------------------------------------------------------------------------
@@ -140,7 +125,7 @@ class PipelineTrainer(MeshTrainer):
         # This rank's stages only, under the full model's names (other layers are on meta);
         # tensor-parallel shards gathered (collective over tp), so a shard file is whole.
         model = {k: to_full(v.detach()) for k, v in self.live_state().items()}
-        optim = self.optimizer.state_dict()
+        optim = self.trainer.optimizer.state_dict()
         optim["state"] = {
             i: {n: to_full(v) for n, v in st.items()} for i, st in optim["state"].items()
         }
@@ -151,7 +136,8 @@ class PipelineTrainer(MeshTrainer):
         with torch.no_grad():
             for k, v in live.items():
                 v.copy_(like_live(model[k], v))
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        optimizer = self.trainer.optimizer
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         optim = {
             **optim,
             "state": {
@@ -159,31 +145,31 @@ class PipelineTrainer(MeshTrainer):
                 for i, st in optim["state"].items()
             },
         }
-        self.optimizer.load_state_dict(optim)
+        optimizer.load_state_dict(optim)
 
     def _layout(self) -> list[list[int]]:
         return [[r.start, r.stop] for r in self.plan.bounds]
 
-    def save(self) -> None:
-        state = self.state_dict()  # collective: gathers every rank's RNG and counters
-        step, ckpt_dir = self.state.step, self.run_dir / "checkpoints"
+    def write_checkpoint(self, state: dict[str, Any]) -> Path | None:
+        """One shard per pipeline rank, then the manifest that names them (the commit)."""
+        t = self.trainer
+        step, ckpt_dir = t.state.step, t.run_dir / "checkpoints"
         shard = {"model": state.pop("model"), "optimizer": state.pop("optimizer")}
-        for cb in self.callbacks:  # EMA / Lookahead state of this rank's stages
+        for cb in t.callbacks:  # EMA / Lookahead state of this rank's stages
             if cb.key:
                 shard[cb.key] = state.pop(cb.key)
         shard["stage_ids"] = self.plan.stage_ids
-        coords = self.dims.coords(self.info.rank)
+        coords = t.dims.coords(t.info.rank)
         if coords.dp == 0 and coords.tp == 0:  # one writer per pipeline rank
             save_checkpoint(shard, ckpt_dir / f"pp{self.pp_rank}", step)
         barrier()  # every shard is on disk before the manifest names it
-        path = None
-        if self.info.is_main:
-            state["shards"] = [f"pp{r}/{step_filename(step)}" for r in range(self.dims.pp)]
-            state["pipeline"] = {"layer_ranges": self._layout()}
-            path = save_checkpoint(state, ckpt_dir, step)
-        self.sink.checkpoint(path, step)  # e.g. Ray Tune pairs the epoch's metrics with it
+        if not t.info.is_main:
+            return None
+        state["shards"] = [f"pp{r}/{step_filename(step)}" for r in range(t.dims.pp)]
+        state["pipeline"] = {"layer_ranges": self._layout()}
+        return save_checkpoint(state, ckpt_dir, step)
 
-    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+    def localize(self, ckpt: dict[str, Any]) -> dict[str, Any]:
         layout = ckpt.get("pipeline", {}).get("layer_ranges")
         if layout != self._layout() or "shard_states" not in ckpt:
             raise CheckpointError(
@@ -191,8 +177,8 @@ class PipelineTrainer(MeshTrainer):
                 f"run's {self._layout()} (evaluate it with `cifar-dist eval` instead)"
             )
         shard = ckpt["shard_states"][self.pp_rank]
-        mine = {cb.key: shard.get(cb.key) for cb in self.callbacks if cb.key}
-        super().load_state_dict({**ckpt, "optimizer": shard["optimizer"], **mine})
+        mine = {cb.key: shard.get(cb.key) for cb in self.trainer.callbacks if cb.key}
+        return {**ckpt, "optimizer": shard["optimizer"], **mine}
 
 
 class PipelineForward(nn.Module):
@@ -204,28 +190,29 @@ class PipelineForward(nn.Module):
     stage's logits are broadcast so every rank updates identical metrics.
     """
 
-    def __init__(self, trainer: PipelineTrainer) -> None:
+    def __init__(self, backend: PipelineBackend) -> None:
         super().__init__()
-        self.trainer = [trainer]  # a list: not registered as a submodule
-        self.stages = trainer.train_model
+        self.backend = [backend]  # a list: not registered as a submodule
+        self.stages = backend.trainer.train_model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        t = self.trainer[0]
+        b = self.backend[0]
+        t = b.trainer
         outs = []
-        for piece in images.split(t.rank_batch):
+        for piece in images.split(b.rank_batch):
             n = piece.shape[0]
-            if n < t.rank_batch:
-                pad = piece.new_zeros((t.rank_batch - n, *piece.shape[1:]))
+            if n < b.rank_batch:
+                pad = piece.new_zeros((b.rank_batch - n, *piece.shape[1:]))
                 piece = torch.cat([piece, pad])
-            args = (piece,) if t.has_first else ()
+            args = (piece,) if b.has_first else ()
             # The schedule's last stage applies its loss_fn in eval too, so it needs a target;
             # that loss is discarded (evaluate() computes its own from the logits).
-            dummy = torch.zeros(t.rank_batch, dtype=torch.long, device=t.device)
-            logits = t.schedule.eval(*args, target=dummy)
+            dummy = torch.zeros(b.rank_batch, dtype=torch.long, device=t.device)
+            logits = b.schedule.eval(*args, target=dummy)
             buf = torch.empty(
-                (t.rank_batch, t.cfg.data.num_classes), dtype=t.dtype, device=t.device
+                (b.rank_batch, t.cfg.data.num_classes), dtype=t.dtype, device=t.device
             )
-            if t.has_last:
+            if b.has_last:
                 buf.copy_(logits)
-            outs.append(t._from_last_stage(buf)[:n])
+            outs.append(b.from_last_stage(buf)[:n])
         return torch.cat(outs)
