@@ -95,7 +95,10 @@ REFUSED = [
         r"^deepspeed\.zero_stage: DeepSpeed's pipeline",
     ),
     ({"deepspeed.zero_stage": 4}, r"^deepspeed\.zero_stage: must be 0, 1, 2 or 3"),
-    ({"train.ema_decay": 0.99}, r"^train\.ema_decay: EMA is not available"),
+    (
+        {"train.ema_decay": 0.99, "deepspeed.zero_stage": 3},
+        r"^train\.ema_decay: EMA with engine=deepspeed needs the whole module",
+    ),
     ({"train.dtype": "float64", "deepspeed.zero_stage": 3}, r"^train\.dtype: float64"),
     ({"parallel.pp": 2, "model.norm": "sync_batch"}, r"^model\.norm: sync_batch cannot"),
     ({"deepspeed.optimizer": "deepspeed"}, r"^deepspeed\.optimizer: DeepSpeed has no sgd"),
