@@ -83,6 +83,18 @@ class Runs:
             self.done[name] = self.root / name
         return self.done[name]
 
+    def resumed(self, nproc: int, name: str, model: str, stop_at: int, **extra: object) -> Path:
+        """A run stopped after `stop_at` steps (mid-epoch) and resumed from its checkpoint to
+        STEPS: its curve and final weights are then compared as an uninterrupted run's."""
+        if name not in self.done:
+            self.torchrun(nproc, name, model, **extra, **{"train.max_steps": stop_at})
+            resume = {**extra, "train.resume": "auto"}
+            over = overrides(self.data, self.root, name, model, **resume)
+            proc = run_torchrun(nproc, "train", *cli_args(over), timeout=300)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            assert f"resumed at epoch 1, step {stop_at}" in proc.stdout + proc.stderr
+        return self.done[name]
+
 
 _SHARED: list[Runs] = []
 

@@ -1,6 +1,7 @@
 """Recipe callbacks (whitening stem + bias freeze, EMA, Lookahead) under tensor and pipeline
 parallelism, which refused them before, and FSDP2 (which the old recipe trainer silently left
-without full-state checkpoints): 2 gloo ranks against one process with the same options."""
+without full-state checkpoints): 2 gloo ranks against one process with the same options, each
+layout's run stopped mid-epoch and resumed from its checkpoint."""
 
 from __future__ import annotations
 
@@ -17,10 +18,8 @@ from cifar_dist.train.checkpoint import load_checkpoint
 from tests.parallel_helpers import (
     Runs,
     assert_same_run,
-    overrides,
     runs_fixture,  # noqa: F401  (the `runs` fixture)
 )
-from tests.test_distributed import cli_args, run_torchrun
 
 # 150 training images / 16 = 9 steps per epoch: the 10 steps cross an epoch end (Lookahead
 # syncs, EMA weights are evaluated), the stem's bias freezes at step 3, Lookahead averages at
@@ -54,7 +53,9 @@ def test_recipe_callbacks_match_single_process(
     runs: Runs, name: str, nproc: int, layout: dict[str, object]
 ) -> None:
     single = runs.single("airbench_net", **RECIPE)
-    other = runs.torchrun(nproc, f"recipe_{name}", "airbench_net", **RECIPE, **layout)
+    # Stopped after step 5 (mid-epoch, after the bias freeze and Lookahead's first average)
+    # and resumed: weights, optimiser, EMA and Lookahead state go through the checkpoint.
+    other = runs.resumed(nproc, f"recipe_{name}", "airbench_net", 5, **RECIPE, **layout)
     assert_same_run(single, other)  # per-step loss and grad norm, final (Lookahead) weights
     a, b = _ema(single), _ema(other)
     assert a.keys() == b.keys() and int(a["n_averaged"]) == int(b["n_averaged"]) == 10
@@ -95,19 +96,7 @@ def test_tp2_pp2_vit_with_ema_and_lookahead_matches_single_process(runs: Runs) -
     recipe = {k: v for k, v in RECIPE.items() if not k.startswith("model.whiten")}
     single = runs.single("vit_nano", **recipe)
     layout = {"parallel.tp": 2, "parallel.pp": 2}
-    other = runs.torchrun(4, "vit_tp2pp2", "vit_nano", **recipe, **layout, **{"train.max_steps": 5})
-    over = overrides(
-        runs.data,
-        runs.root,
-        "vit_tp2pp2",
-        "vit_nano",
-        **recipe,
-        **layout,
-        **{"train.resume": "auto"},
-    )
-    proc = run_torchrun(4, "train", *cli_args(over), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "resumed at epoch 1, step 5" in proc.stdout + proc.stderr
+    other = runs.resumed(4, "vit_tp2pp2", "vit_nano", 5, **recipe, **layout)
     assert_same_run(single, other)
     a, b = _ema(single), _ema(other)
     assert a.keys() == b.keys()
