@@ -18,8 +18,10 @@ from cifar_dist.train.checkpoint import load_checkpoint
 from tests.parallel_helpers import (
     Runs,
     assert_same_run,
+    overrides,
     runs_fixture,  # noqa: F401  (the `runs` fixture)
 )
+from tests.test_distributed import cli_args, run_torchrun
 
 # 150 training images / 16 = 9 steps per epoch: the 10 steps cross an epoch end (Lookahead
 # syncs, EMA weights are evaluated), the stem's bias freezes at step 3, Lookahead averages at
@@ -149,3 +151,26 @@ def test_tp_plan_applies_stage_by_stage() -> None:
         torch.testing.assert_close(like_live(full, q).to_local(), full.chunk(2, dim=0)[0])
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_ddp_compiled_with_recipe_callbacks_matches_eager_single_process(runs: Runs) -> None:
+    """The compile column of the matrix: DDP(torch.compile(model)) on 2 ranks with the whitening
+    stem, EMA and Lookahead against the eager single process (float64, so compiled kernels'
+    other summation orders stay far below the 1e-5 per-step tolerance). Inductor really ran:
+    its cache directory holds the generated kernels."""
+    single = runs.single("airbench_net", **RECIPE)
+    cache = runs.root / "inductor_cache"
+    over = overrides(runs.data, runs.root, "recipe_ddp_compile", "airbench_net", **RECIPE)
+    over["train.compile"] = True
+    proc = run_torchrun(
+        2, "train", *cli_args(over), env={"TORCHINDUCTOR_CACHE_DIR": str(cache)}, timeout=540
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert any(cache.rglob("*.py")), "no inductor output: the model was not compiled"
+    assert_same_run(single, runs.root / "recipe_ddp_compile")
+    a, b = _ema(single), _ema(runs.root / "recipe_ddp_compile")
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], atol=1e-8, rtol=0, msg=k)
