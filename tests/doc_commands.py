@@ -151,6 +151,10 @@ CLASSIFIED: dict[str, Run | Check | Skip] = {
     ".venv/bin/python benchmarks/time_to_accuracy.py -c configs/cifar10_fast_cpu.yaml --seeds 1 --data.dir=/work/main/data": Check(
         "a benchmark (a 30-minute run; appends to docs/benchmarks.md)"
     ),
+    # docs/benchmarks.md (the redesign A/B)
+    "cifar-dist train -c configs/cifar10_cpu.yaml --data.dir=/work/ab/data --train.max_steps=88 --log.every_steps=1 --train.eval_every=1 --train.progress=false --log.wandb.mode=disabled": Check(
+        "a benchmark (a 6-minute run per commit on the real data)"
+    ),
     # docs/parallelism.md
     "torchrun --nproc_per_node=4 -m cifar_dist train -c configs/vit_pp2.yaml": Check(SMOKE),
     "torchrun --nproc_per_node=2 -m cifar_dist train -c configs/vit_pp2_interleaved.yaml": Check(

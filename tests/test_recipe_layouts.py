@@ -1,7 +1,8 @@
 """Recipe callbacks (whitening stem + bias freeze, EMA, Lookahead) under tensor and pipeline
 parallelism, which refused them before, and FSDP2 (which the old recipe trainer silently left
-without full-state checkpoints): 2 gloo ranks against one process with the same options, each
-layout's run stopped mid-epoch and resumed from its checkpoint."""
+without full-state checkpoints): 2 gloo ranks against one process with the same options, the
+runs stopped mid-epoch and resumed from their checkpoints. The compile column:
+test_compile_layouts.py."""
 
 from __future__ import annotations
 
@@ -18,10 +19,8 @@ from cifar_dist.train.checkpoint import load_checkpoint
 from tests.parallel_helpers import (
     Runs,
     assert_same_run,
-    overrides,
     runs_fixture,  # noqa: F401  (the `runs` fixture)
 )
-from tests.test_distributed import cli_args, run_torchrun
 
 # 150 training images / 16 = 9 steps per epoch: the 10 steps cross an epoch end (Lookahead
 # syncs, EMA weights are evaluated), the stem's bias freezes at step 3, Lookahead averages at
@@ -57,7 +56,12 @@ def test_recipe_callbacks_match_single_process(
     single = runs.single("airbench_net", **RECIPE)
     # Stopped after step 5 (mid-epoch, after the bias freeze and Lookahead's first average)
     # and resumed: weights, optimiser, EMA and Lookahead state go through the checkpoint.
-    other = runs.resumed(nproc, f"recipe_{name}", "airbench_net", 5, **RECIPE, **layout)
+    # dp2 x pp2 writes the pipeline's shard format that pp2 (and tp2 x pp2 below) resume from:
+    # it runs straight through (4 ranks on 2 cores: a restart costs the most there).
+    if name == "dp2xpp2":
+        other = runs.torchrun(nproc, f"recipe_{name}", "airbench_net", **RECIPE, **layout)
+    else:
+        other = runs.resumed(nproc, f"recipe_{name}", "airbench_net", 5, **RECIPE, **layout)
     assert_same_run(single, other)  # per-step loss and grad norm, final (Lookahead) weights
     a, b = _ema(single), _ema(other)
     assert a.keys() == b.keys() and int(a["n_averaged"]) == int(b["n_averaged"]) == 10
@@ -151,26 +155,3 @@ def test_tp_plan_applies_stage_by_stage() -> None:
         torch.testing.assert_close(like_live(full, q).to_local(), full.chunk(2, dim=0)[0])
     finally:
         dist.destroy_process_group()
-
-
-@pytest.mark.distributed
-@pytest.mark.timeout(600)
-def test_ddp_compiled_with_recipe_callbacks_matches_eager_single_process(runs: Runs) -> None:
-    """The compile column of the matrix: DDP(torch.compile(model)) on 2 ranks with the whitening
-    stem, EMA and Lookahead against the eager single process (float64, so compiled kernels'
-    other summation orders stay far below the 1e-5 per-step tolerance). Inductor really ran:
-    its cache directory holds the generated kernels."""
-    single = runs.single("airbench_net", **RECIPE)
-    cache = runs.root / "inductor_cache"
-    over = overrides(runs.data, runs.root, "recipe_ddp_compile", "airbench_net", **RECIPE)
-    over["train.compile"] = True
-    proc = run_torchrun(
-        2, "train", *cli_args(over), env={"TORCHINDUCTOR_CACHE_DIR": str(cache)}, timeout=540
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert any(cache.rglob("*.py")), "no inductor output: the model was not compiled"
-    assert_same_run(single, runs.root / "recipe_ddp_compile")
-    a, b = _ema(single), _ema(runs.root / "recipe_ddp_compile")
-    for k in a:
-        if a[k].is_floating_point():
-            torch.testing.assert_close(a[k], b[k], atol=1e-8, rtol=0, msg=k)
