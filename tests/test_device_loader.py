@@ -328,3 +328,51 @@ def test_cuda_batches_match_cpu_indices_and_format() -> None:
     assert x.is_cuda and x.dtype == torch.bfloat16
     assert x.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(x).all()
     assert next(iter(evals["test"]))[0].is_cuda
+
+
+def test_progressive_resizing_downscales_the_same_batches_then_returns_to_full_size() -> None:
+    split = make_split(64)
+
+    def make(**kw: object) -> DeviceTrainLoader:
+        train, _ = build_device_loaders(
+            data_cfg(batch_size=32, crop_padding=2, **kw),
+            {"train": split},
+            **dict(micro_batch=8, eval_batch=16, rank=1, world_size=2, seed=0, num_classes=64),
+            device=CPU,
+            dtype=torch.bfloat16,
+            channels_last=True,
+        )
+        return train
+
+    full, small = make(), make(epoch_sizes=[16, 24])
+    for e, side in enumerate([16, 24, 32]):
+        for (xf, yf), (xs, ys) in zip(epoch(full, e), epoch(small, e), strict=True):
+            assert xs.shape == (8, 3, side, side) and torch.equal(ys, yf)
+            assert xs.dtype == torch.bfloat16
+            assert xs.is_contiguous(memory_format=torch.channels_last)
+            ref = F.interpolate(xf.float(), size=(side, side), mode="bilinear", antialias=True)
+            torch.testing.assert_close(xs, ref.bfloat16() if side < 32 else xf)
+    from cifar_dist.models import create_model
+
+    assert create_model("airbench_net")(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"data": {"loader": "torch", "epoch_sizes": [24]}}, "needs data.loader=device"),
+        ({"data": {"loader": "device", "epoch_sizes": [40]}}, "sides must be in 8..32"),
+        (
+            {"data": {"loader": "device", "epoch_sizes": [24]}, "model": {"name": "vit_tiny"}},
+            "pools globally",
+        ),
+    ],
+)
+def test_progressive_resizing_is_refused_where_it_cannot_work(
+    overrides: dict[str, dict[str, object]], message: str
+) -> None:
+    from cifar_dist.config.load import config_from_dict
+    from cifar_dist.config.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(overrides)

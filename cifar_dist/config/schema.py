@@ -69,6 +69,10 @@ class DataConfig:
     cutout: int = 0
     """Side in pixels of a square cut out of each training image and filled with the dataset
     mean (loader=device|ffcv; 0 = off)."""
+    epoch_sizes: list[int] = field(default_factory=list)
+    """Progressive resizing (loader=device): the training images' side for the first epochs, in
+    order (e.g. [24, 24, 28]: epochs 1-2 at 24 px, epoch 3 at 28); later epochs and evaluation
+    use the full 32 px. Needs a model that pools globally (airbench, resnet), not the ViT."""
     randaugment_group: int = 16
     """loader=device: images that share one RandAugment draw (1 = per image; larger = faster)."""
     ffcv_order: Literal["random", "quasi_random"] = "random"
@@ -105,6 +109,13 @@ class DataConfig:
         _check(self.cutmix_alpha >= 0, "data.cutmix_alpha", "must be >= 0")
         _check(0 <= self.cutout <= 32, "data.cutout", "must be in 0..32")
         _check(self.randaugment_group >= 1, "data.randaugment_group", "must be >= 1")
+        _check(
+            all(8 <= side <= 32 for side in self.epoch_sizes),
+            "data.epoch_sizes",
+            f"sides must be in 8..32, got {self.epoch_sizes}",
+        )
+        if self.loader != "device":
+            _check(not self.epoch_sizes, "data.epoch_sizes", "needs data.loader=device")
         if self.loader == "torch":
             _check(self.cutout == 0, "data.cutout", "needs data.loader=device or ffcv")
             _check(
@@ -528,6 +539,11 @@ class Config:
             self.model.whiten_bias_epochs == 0 or self.model.whiten_init > 0,
             "model.whiten_bias_epochs",
             "needs model.whiten_init > 0",
+        )
+        _check(
+            not (self.data.epoch_sizes and self.model.name.startswith("vit")),
+            "data.epoch_sizes",
+            "needs a model that pools globally; the ViT's position embeddings fix 32 px",
         )
         # Recipe options (EMA, Lookahead, whitening stem, ...) x backend: one check, in one
         # place, each callback naming the backends it cannot run with and why.

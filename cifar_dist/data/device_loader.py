@@ -114,6 +114,7 @@ class DeviceTrainLoader:
         self.mixing = batch_mixer(cfg, num_classes) is not None  # (validates the alphas)
         self.alphas, self.num_classes = (cfg.mixup_alpha, cfg.cutmix_alpha), num_classes
         self.global_batch = cfg.batch_size
+        self.epoch_sizes = list(getattr(cfg, "epoch_sizes", []))
         self.accum = cfg.batch_size // (micro_batch * world_size)
         self.epoch, self._start = 0, 0
 
@@ -174,7 +175,21 @@ class DeviceTrainLoader:
                     *self.alphas, mix_seed(self.seed, epoch, b // self.accum, _MIX)
                 )
                 out, labels = apply_global_mix(mix, out, labels, partner, plabels, self.num_classes)
-            yield out, labels
+            yield self.resized(out, epoch), labels
+
+    def resized(self, images: Tensor, epoch: int) -> Tensor:
+        """Progressive resizing: the epoch's side from data.epoch_sizes (antialiased bilinear,
+        computed in float32 and returned in the images' dtype and memory format)."""
+        if epoch >= len(self.epoch_sizes) or self.epoch_sizes[epoch] == images.shape[-1]:
+            return images
+        side = self.epoch_sizes[epoch]
+        small = v2.functional.resize(images.float(), [side, side], antialias=True)
+        fmt = (
+            torch.channels_last
+            if images.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+        return small.to(images.dtype).contiguous(memory_format=fmt)
 
     def batch(
         self, idx: Tensor, params: AugParams, epoch: int, b: int, tag: int = _RANDAUG
