@@ -64,7 +64,9 @@ def main() -> int:
             torch.cuda.synchronize()
     on_gpu = device.type == "cuda"
     events = [e for e in prof.key_averages() if e.key != "ProfilerStep*"]
-    self_time = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    self_time = (
+        (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    )
     total = sum(self_time(e) for e in events) or 1.0
     events.sort(key=self_time, reverse=True)
     unit = "GPU" if on_gpu else "CPU"

@@ -79,7 +79,8 @@ def run(config: str, overrides: list[str], seed: int, name: str, max_steps: int 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("-c", "--config", required=True)
-    p.add_argument("--seeds", type=int, default=5, help="measured runs (seeds 0..K-1)")
+    p.add_argument("--seeds", type=int, default=5, help="measured runs (seeds S..S+K-1)")
+    p.add_argument("--first-seed", type=int, default=0, help="S: add seeds to earlier runs")
     p.add_argument("--warmup-steps", type=int, default=-1, help="-1: 10 if compile else 0")
     p.add_argument("--name", default=f"tta-{datetime.now():%Y%m%d-%H%M%S}")
     p.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
@@ -94,7 +95,7 @@ def main() -> int:
     warm = args.warmup_steps if args.warmup_steps >= 0 else (10 if cfg.train.compile else 0)
     warm_s = run(args.config, overrides, -1, f"{args.name}-warmup", warm)["fit_s"] if warm else 0.0
     results = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         res = run(args.config, overrides, seed, f"{args.name}-s{seed}")
         split = "test" if "test_acc" in res else "val"
         results.append((100 * res[f"{split}_acc"], res["train_s"], res["fit_s"]))
@@ -108,7 +109,7 @@ def main() -> int:
     )
     device = device_name("cuda" if on_cuda else "cpu")
     shown = " ".join(["benchmarks/time_to_accuracy.py -c", args.config, f"--seeds {args.seeds}",
-                      *overrides])  # fmt: skip
+                      *([f"--first-seed {args.first_seed}"] if args.first_seed else []), *overrides])  # fmt: skip
     row = (
         f"| {datetime.now():%Y-%m-%d} | `{shown}` | {device} | {args.seeds} | "
         f"{split} {mean_std(accs)} | {mean_std(trains)} | {statistics.mean(walls):.1f} | "

@@ -20,8 +20,21 @@ def _images(batch: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_holds_the_zoo() -> None:
-    expected = {"seed_cnn", "resnet18", "preact_resnet18", "airbench_net", "vit_tiny", "vit_small"}
+    expected = {"seed_cnn", "resnet18", "preact_resnet18", "airbench_net", "airbench_net_mid"}
+    expected |= {"airbench_net_wide", "vit_tiny", "vit_small"}
     assert expected <= set(MODELS)
+
+
+@pytest.mark.parametrize(
+    ("name", "widths"),
+    [("airbench_net", (64, 256, 256)), ("airbench_net_mid", (96, 320, 320)),
+     ("airbench_net_wide", (128, 384, 384))],
+)  # fmt: skip
+def test_airbench_widths(name: str, widths: tuple[int, ...]) -> None:
+    model = create_model(name)
+    convs = [m for m in model.blocks.modules() if isinstance(m, nn.Conv2d)]
+    assert tuple(conv.out_channels for conv in convs[::2]) == widths
+    assert model.head.fc.in_features == widths[-1]
 
 
 @pytest.mark.parametrize("batch", [3, 8])

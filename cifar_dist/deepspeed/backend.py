@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from cifar_dist.deepspeed import checkpoint as ds_checkpoint
@@ -161,8 +162,6 @@ class DeepSpeedBackend(Backend):
     def _sync_buffers(self) -> None:
         """Ranks' BatchNorm running statistics drift apart (DeepSpeed, unlike DDP, does not
         broadcast buffers): evaluate, and checkpoint, rank 0's on every rank."""
-        import torch.distributed as dist
-
         if self.trainer.info.distributed:
             for buf in self.trainer.model.buffers():
                 dist.broadcast(buf, src=0)

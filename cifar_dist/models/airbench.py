@@ -13,6 +13,7 @@ from .registry import PipelineModel, TensorParallelPlan, register_model
 
 WIDTHS = (64, 256, 256)
 WIDE_WIDTHS = (128, 384, 384)  # airbench95: ~2.5x the compute per image, +1 point at 15 epochs
+MID_WIDTHS = (96, 320, 320)  # ~1.7x airbench94's convolution FLOPs per image, ~0.66x airbench95's
 WHITEN_KERNEL = 2
 WHITEN_WIDTH = 2 * 3 * WHITEN_KERNEL**2  # every 2x2x3 patch eigenvector and its negation
 LOGIT_SCALE = 1 / 9  # airbench's fixed output temperature
@@ -113,6 +114,23 @@ def airbench_net_wide(
     Applies: norm, groups (with norm="group"). Ignored: se, dropout, drop_path.
     """
     return AirbenchNet(num_classes, norm, groups, WIDE_WIDTHS)
+
+
+@register_model("airbench_net_mid")
+def airbench_net_mid(
+    num_classes: int = 10,
+    *,
+    norm: str = "batch",
+    groups: int = 8,
+    se: bool = False,
+    dropout: float = 0.0,
+    drop_path: float = 0.0,
+) -> nn.Module:
+    """airbench_net with conv groups of 96/320/320 (3.1M params), between airbench94 and 95.
+
+    Applies: norm, groups (with norm="group"). Ignored: se, dropout, drop_path.
+    """
+    return AirbenchNet(num_classes, norm, groups, MID_WIDTHS)
 
 
 @torch.no_grad()
