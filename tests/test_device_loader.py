@@ -357,9 +357,40 @@ def test_progressive_resizing_downscales_the_same_batches_then_returns_to_full_s
     assert create_model("airbench_net")(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
 
 
+def test_crop_epochs_centres_every_image_after_the_first_epochs() -> None:
+    split = make_split(64)
+
+    def make(**kw: object) -> DeviceTrainLoader:
+        train, _ = build_device_loaders(
+            data_cfg(batch_size=32, flip_mode="alternating", **kw),
+            {"train": split},
+            **dict(micro_batch=8, eval_batch=16, rank=1, world_size=2, seed=0, num_classes=64),
+            device=CPU,
+        )
+        return train
+
+    always, first, never = (
+        make(crop_padding=2),
+        make(crop_padding=2, crop_epochs=1),
+        make(crop_padding=0),
+    )
+    for e in range(3):
+        for (xa, ya), (xf, yf), (xn, yn) in zip(
+            epoch(always, e), epoch(first, e), epoch(never, e), strict=True
+        ):
+            assert torch.equal(ya, yf) and torch.equal(yf, yn)
+            assert not torch.equal(xa, xn)  # random translation in every epoch
+            if e == 0:  # translated as without crop_epochs
+                assert torch.equal(xf, xa)
+            else:  # centred (same flips) as an unpadded store
+                assert torch.equal(xf, xn)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
+        ({"data": {"loader": "torch", "crop_epochs": 2}}, "needs data.loader=device"),
+        ({"data": {"loader": "device", "crop_epochs": -1}}, "must be >= 0"),
         ({"data": {"loader": "torch", "epoch_sizes": [24]}}, "needs data.loader=device"),
         ({"data": {"loader": "device", "epoch_sizes": [40]}}, "sides must be in 8..32"),
         (

@@ -61,6 +61,9 @@ class DataConfig:
     """Batches each worker loads ahead."""
     crop_padding: int = 4
     """Pixels of padding for the random crop (0 = no crop)."""
+    crop_epochs: int = 0
+    """With crop_padding (loader=device): random translation in the first N epochs only; later
+    epochs see every image centred (augmentation reduced toward the end; 0 = every epoch)."""
     flip: bool = True
     """Random horizontal flip."""
     flip_mode: Literal["random", "alternating"] = "random"
@@ -114,8 +117,10 @@ class DataConfig:
             "data.epoch_sizes",
             f"sides must be in 8..32, got {self.epoch_sizes}",
         )
+        _check(self.crop_epochs >= 0, "data.crop_epochs", "must be >= 0")
         if self.loader != "device":
             _check(not self.epoch_sizes, "data.epoch_sizes", "needs data.loader=device")
+            _check(self.crop_epochs == 0, "data.crop_epochs", "needs data.loader=device")
         if self.loader == "torch":
             _check(self.cutout == 0, "data.cutout", "needs data.loader=device or ffcv")
             _check(

@@ -100,6 +100,7 @@ class DeviceTrainLoader:
         self.seed, self.num_batches = seed, train_batches(cfg, n, micro_batch, world_size)
         self.device, self.norm = torch.device(device), Normalise(cfg.dataset, dtype, channels_last)
         self.pad, self.flip, self.cutout = cfg.crop_padding, cfg.flip, getattr(cfg, "cutout", 0)
+        self.crop_epochs: int = getattr(cfg, "crop_epochs", 0)
         self.store = load_store(split.images, self.pad, self.device)
         self.labels = _labels(split.labels, self.device)
         self.flip_base: Tensor | None = None
@@ -156,7 +157,11 @@ class DeviceTrainLoader:
             flip = alternating_flip(self.flip_base, torch.arange(n, device=self.device), epoch)
         else:
             flip = None
-        return idx, draw_params(n, self.pad, flip=flip, generator=g, device=self.device)[idx]
+        params = draw_params(n, self.pad, flip=flip, generator=g, device=self.device)[idx]
+        if 0 < self.crop_epochs <= epoch:  # drawn anyway: the other parameters stay the same
+            centre = torch.full_like(params.dy, self.pad)
+            params = AugParams(centre, centre, params.flip, params.cy, params.cx)
+        return idx, params
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         start, self._start = self._start, 0
