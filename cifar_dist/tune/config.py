@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cifar_dist.config.schema import ConfigError
+from cifar_dist.config.errors import check as _check
 
 EPOCH_METRICS = (
     "val_acc",
@@ -27,11 +27,6 @@ EPOCH_METRICS = (
 
 class SweepError(RuntimeError):
     """A sweep with no usable trial (all failed); the message says where to look."""
-
-
-def _check(ok: bool, key: str, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {why}")
 
 
 @dataclass
