@@ -74,6 +74,13 @@ def test_recipe_callbacks_match_single_process(
         shards = load_checkpoint(other / "checkpoints/last.pt")["shard_states"]
         k0, k1 = (set(s["ema"]) - {"n_averaged"} for s in shards)
         assert k0 and k1 and not k0 & k1 and k0 | k1 == set(a) - {"n_averaged"}
+    if name == "fsdp2":  # the parameters really were sharded (parallel.json, each rank's view)
+        rep = json.loads((other / "parallel.json").read_text())
+        r0, r1 = rep["ranks"]
+        replicated = r0["local"] - r0["sharded_local"]
+        assert rep["mesh"]["dp_mode"] == "fsdp" and replicated == r1["local"] - r1["sharded_local"]
+        assert replicated + r0["sharded_local"] + r1["sharded_local"] == rep["params_total"]
+        assert max(r0["local"], r1["local"]) < 0.6 * rep["params_total"]
 
 
 def test_deepspeed_refusals_say_why() -> None:
