@@ -161,6 +161,9 @@ CLASSIFIED: dict[str, Run | Check | Skip] = {
     ".venv/bin/python benchmarks/profile_step.py --model airbench_net --batch 1024 --steps 3": Check(
         "a benchmark (profiles full-size training steps)"
     ),
+    "cifar-dist eval --checkpoint runs/RUN/checkpoints/last.pt --data.dir=/work/ab/data --train.tta=true --train.tta_translate=0": Check(
+        "evaluates the checkpoint of a 17-minute timed-config run: its overrides are parsed here"
+    ),
     ".venv/bin/python benchmarks/maxpool_variants.py --threads 2": Check(
         "a benchmark (full-size pooling passes, ~1 minute)"
     ),
