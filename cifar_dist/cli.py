@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -45,12 +46,14 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         print(_config_yaml(cfg), end="")
         return 0
     fit(cfg)
-    if cfg.parallel.engine == "deepspeed" and "LOCAL_RANK" in os.environ:
-        # A DeepSpeed worker on CPU/gloo now and then aborts in interpreter teardown, after all
-        # work is done and the process group is destroyed ("terminate called without an active
-        # exception": a native thread destroyed while joinable; seen ~1 run in 8). The launcher
-        # would report the finished job as failed (or restart it), so leave without running
-        # native destructors. Sinks and checkpoints are closed by now; flush what is buffered.
+    if "LOCAL_RANK" in os.environ:
+        # A launched worker on CPU/gloo (torch DDP or DeepSpeed) now and then aborts in
+        # interpreter teardown, after all work is done and the process group is destroyed
+        # ("terminate called without an active exception": a native thread destroyed while
+        # joinable; seen ~1 run in 8 with DeepSpeed, rarer with DDP). The launcher would report
+        # the finished job as failed (or restart it), so leave without running native
+        # destructors. Sinks and checkpoints are closed by now; flush what is buffered.
+        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

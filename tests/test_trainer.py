@@ -267,6 +267,34 @@ def test_bf16_autocast_channels_last_steps(synth_cifar10: Path, tmp_path: Path) 
     assert 0.0 <= summary["val_acc"] <= 1.0
 
 
+def test_amp_auto_resolves_by_device_and_is_recorded(
+    synth_cifar10: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.amp=auto: bf16 exactly where the device has native bf16 (float32 runs only), and
+    the run's config.yaml records what ran, not "auto"."""
+    from cifar_dist.train import common
+
+    cfg = load_config(None, ["--train.amp=auto"])
+    cpu = torch.device("cpu")
+    for native, dtype, want in [
+        (True, "float32", "bf16"),
+        (False, "float32", "none"),
+        (True, "float64", "none"),
+    ]:
+        monkeypatch.setattr(common, "native_bf16", lambda _d, n=native: n)
+        got = common.resolve_amp(
+            load_config(None, ["--train.amp=auto", f"--train.dtype={dtype}"]), cpu
+        )
+        assert got.train.amp == want, (native, dtype)
+    assert common.resolve_amp(load_config(None, ["--train.amp=bf16"]), cpu).train.amp == "bf16"
+    monkeypatch.undo()
+    expected = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
+    assert common.resolve_amp(cfg, cpu).train.amp == expected  # this machine's oneDNN
+    over = tiny_overrides(synth_cifar10, tmp_path, **{"train.amp": "auto", "train.max_steps": 1})
+    fit(load_config(None, over))
+    assert load_config(tmp_path / "t" / "config.yaml").train.amp == expected
+
+
 @pytest.mark.parametrize("loader", ["device", "ffcv"])
 def test_fast_loaders_train_end_to_end(synth_cifar10: Path, tmp_path: Path, loader: str) -> None:
     """data.loader=device|ffcv is wired through fit(): trains, evaluates, checkpoints."""

@@ -430,7 +430,9 @@ def test_pbt_exploits_a_better_trial_with_its_checkpoint_and_new_values(
         tmp_path,
         synth_cifar10,
         {
-            # 4 trials, two at a time; at every epoch the worse of two copies the better one
+            # 4 trials, two at a time; synchronous PBT: at every epoch all 4 wait for each
+            # other and the worse half copies the better half (asynchronous PBT exploits only
+            # when a worse trial happens to report while a better one is live with a checkpoint)
             "space": {"optim.lr": {"low": 0.002, "high": 0.2, "log": True}},
             "search": {
                 "algo": "random",
@@ -439,7 +441,7 @@ def test_pbt_exploits_a_better_trial_with_its_checkpoint_and_new_values(
                 "metric": "train_loss",
                 "mode": "min",
             },
-            "pbt": {"interval": 1, "quantile_fraction": 0.5},
+            "pbt": {"interval": 1, "quantile_fraction": 0.5, "synch": True},
         },
         **{"train.epochs": EPOCHS, "data.subset": 128},
     )
@@ -451,6 +453,8 @@ def test_pbt_exploits_a_better_trial_with_its_checkpoint_and_new_values(
     assert (out.sweep_dir / "ray" / "pbt_global.txt").read_text().strip()  # Tune's own record
     from cifar_dist.tune.pbt import adoptions
 
+    # synch: at each of epochs 1..EPOCHS-1 the worse 2 of 4 copy the better 2 (not at the last)
+    assert sum(len(adoptions(Path(r.run_dir))) for r in out.rows) == 2 * (EPOCHS - 1)
     ids = {r.trial_id for r in out.rows}
     for row in exploited:
         assert set(row.donors) <= ids - {row.trial_id}

@@ -9,25 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cifar_dist.config.data_schema import DataConfig
-from cifar_dist.config.errors import ConfigError
+from cifar_dist.config.data_schema import DataConfig as DataConfig
+from cifar_dist.config.errors import ConfigError as ConfigError
 from cifar_dist.config.errors import check as _check
-from cifar_dist.config.log_schema import LogConfig, WandbConfig
-from cifar_dist.config.parallel_schema import DeepSpeedConfig, ParallelConfig
-
-__all__ = [
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "DeepSpeedConfig",
-    "LogConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "ParallelConfig",
-    "ScheduleConfig",
-    "TrainConfig",
-    "WandbConfig",
-]
+from cifar_dist.config.log_schema import LogConfig as LogConfig
+from cifar_dist.config.log_schema import WandbConfig as WandbConfig
+from cifar_dist.config.parallel_schema import DeepSpeedConfig as DeepSpeedConfig
+from cifar_dist.config.parallel_schema import ParallelConfig as ParallelConfig
 
 
 @dataclass
@@ -173,8 +161,10 @@ class TrainConfig:
     """Training device; auto picks CUDA when available."""
     dtype: Literal["float32", "float64"] = "float32"
     """Parameter and input dtype; float64 exists for numerical equivalence checks (slow)."""
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    """Mixed precision: bf16 autocast (CPU and GPU) or fp16 autocast + GradScaler (GPU only)."""
+    amp: Literal["none", "bf16", "fp16", "auto"] = "none"
+    """Mixed precision: bf16 autocast (CPU and GPU), fp16 autocast + GradScaler (GPU only), or
+    auto: bf16 where the device computes it natively (GPUs with bf16, CPUs with AVX-512 BF16 /
+    AMX), else none (emulated bf16 on an AVX2 CPU is many times slower than fp32)."""
     compile: bool = False
     """torch.compile the model before data-parallel wrapping."""
     channels_last: bool = False

@@ -34,7 +34,7 @@ def check_deepspeed(cfg: Config) -> None:
             "train.dtype: float64 with DeepSpeed works only with deepspeed.zero_stage=1 or 2 "
             "and no pipeline; use float32"
         )
-    if train.amp != "none" and train.dtype == "float64":
+    if train.amp in ("bf16", "fp16") and train.dtype == "float64":
         raise ConfigError("train.amp: mixed precision and train.dtype=float64 exclude each other")
     if train.compile:
         raise ConfigError("train.compile: not available with engine=deepspeed in this version")

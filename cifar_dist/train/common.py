@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -11,6 +11,27 @@ from cifar_dist.config.schema import Config, ConfigError
 from cifar_dist.models import create_model
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively. On a CPU without AVX-512 BF16 / AMX, oneDNN
+    emulates bf16 and autocast is far slower than fp32 (resnet18 fwd+bwd ~24x on an AVX2 EPYC,
+    docs/benchmarks.md); torch has no public query, so this asks oneDNN as torch's tests do."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def resolve_amp(cfg: Config, device: torch.device) -> Config:
+    """`cfg` with train.amp=auto replaced by what this device runs: bf16 where it is native
+    (and the run is float32), else none. Runs record the resolved value in config.yaml."""
+    if cfg.train.amp != "auto":
+        return cfg
+    amp = "bf16" if cfg.train.dtype == "float32" and native_bf16(device) else "none"
+    return replace(cfg, train=replace(cfg.train, amp=amp))
 
 
 class NonFiniteError(RuntimeError):

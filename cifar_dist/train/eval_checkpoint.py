@@ -7,7 +7,7 @@ from typing import Any
 
 from cifar_dist.config.load import config_from_dict, config_to_dict, merge_trees, parse_overrides
 from cifar_dist.train.checkpoint import load_checkpoint
-from cifar_dist.train.common import AMP_DTYPES, build_model
+from cifar_dist.train.common import AMP_DTYPES, build_model, resolve_amp
 from cifar_dist.train.fit import build_data
 from cifar_dist.train.metrics import evaluate
 from cifar_dist.utils.dist import distributed_session
@@ -31,6 +31,7 @@ def evaluate_checkpoint(
     # CLI overrides (e.g. --data.dir) apply on top of the checkpoint's own config.
     cfg = _with_overrides(base, overrides or [])
     with distributed_session(cfg.train.device, cfg.parallel.backend) as info:
+        cfg = resolve_amp(cfg, info.device)  # e.g. --train.amp=auto on another machine
         model = build_model(cfg, info.device)
         weights = _ema_weights(ckpt["ema"]) if use_ema and ckpt.get("ema") else ckpt["model"]
         model.load_state_dict(weights)

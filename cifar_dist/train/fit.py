@@ -21,7 +21,7 @@ from cifar_dist.logging.sinks import MultiSink, Sink, build_sinks
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.parallel.report import finish_report, start_report
 from cifar_dist.train.backends import backend_for
-from cifar_dist.train.common import Preempted, build_model, micro_batch_size
+from cifar_dist.train.common import Preempted, build_model, micro_batch_size, resolve_amp
 from cifar_dist.train.preemption import clear_markers, write_markers
 from cifar_dist.train.trainer import Trainer
 from cifar_dist.utils.dist import (
@@ -195,6 +195,7 @@ def _run_training(
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     dims = ParallelDims.from_config(cfg.parallel, info.world_size, info.device.type)
+    cfg = resolve_amp(cfg, info.device)  # train.amp=auto -> bf16 / none (saved in config.yaml)
     if cfg.data.batch_size == "auto":
         from cifar_dist.train.auto_batch import resolve_auto_batch
 

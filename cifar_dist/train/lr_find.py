@@ -30,7 +30,7 @@ from cifar_dist.logging.sinks import Sink
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.train.callbacks.ema import EMA
 from cifar_dist.train.callbacks.recipe import LookaheadAveraging
-from cifar_dist.train.common import NonFiniteError
+from cifar_dist.train.common import NonFiniteError, resolve_amp
 from cifar_dist.train.optim import build_optimizer
 from cifar_dist.train.trainer import Trainer
 from cifar_dist.utils.dist import distributed_session
@@ -155,6 +155,7 @@ def lr_find(
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         dims = ParallelDims.from_config(cfg.parallel, 1)
+        cfg = resolve_amp(cfg, info.device)
         if cfg.data.batch_size == "auto":
             from cifar_dist.train.auto_batch import resolve_auto_batch
 

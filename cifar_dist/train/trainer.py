@@ -30,6 +30,7 @@ from cifar_dist.train.common import (
     Preempted,
     StepResult,
     build_model,
+    resolve_amp,
 )
 from cifar_dist.train.metrics import evaluate
 from cifar_dist.train.state import TrainState
@@ -50,6 +51,7 @@ class Trainer:
         backend_cls: type[Backend] | None = None,
     ) -> None:
         """`backend_cls`: the layout's backend (default: the registry's for cfg and dims)."""
+        cfg = resolve_amp(cfg, info.device)  # fit() has done it; a Trainer built directly not
         self.cfg, self.info, self.dims, self.run_dir, self.sink = cfg, info, dims, run_dir, sink
         backend_cls = backend_cls or backend_for(cfg, dims)
         self.device = info.device

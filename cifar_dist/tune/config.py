@@ -143,6 +143,10 @@ class PbtConfig:
     resample_probability: float = 0.25
     """Chance that an explored value is drawn afresh from `space` rather than perturbed
     (x1.2 / x0.8 for a range, a neighbour for `values`)."""
+    synch: bool = False
+    """Tune's synchronous PBT: every trial pauses at each interval until all have reached it,
+    then the worst copy the best. Exploits never depend on which trial happens to report
+    first, at the cost of idle workers while the slowest trial catches up."""
 
     def __post_init__(self) -> None:
         _check(self.interval >= 1, "pbt.interval", "must be >= 1")

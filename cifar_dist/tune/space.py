@@ -99,6 +99,7 @@ def pbt_scheduler(sweep: SweepConfig, epochs: int) -> Any:
         burn_in_period=p.burn_in,
         quantile_fraction=p.quantile_fraction,
         resample_probability=p.resample_probability,
+        synch=p.synch,
         # a list mutates to a neighbouring value; a Domain is resampled or scaled x1.2 / x0.8
         hyperparam_mutations={
             key: list(spec.values) if spec.values else _domain(spec, grid=False)
