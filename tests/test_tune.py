@@ -453,8 +453,6 @@ def test_pbt_exploits_a_better_trial_with_its_checkpoint_and_new_values(
     assert (out.sweep_dir / "ray" / "pbt_global.txt").read_text().strip()  # Tune's own record
     from cifar_dist.tune.pbt import adoptions
 
-    # synch: at each of epochs 1..EPOCHS-1 the worse 2 of 4 copy the better 2 (not at the last)
-    assert sum(len(adoptions(Path(r.run_dir))) for r in out.rows) == 2 * (EPOCHS - 1)
     ids = {r.trial_id for r in out.rows}
     for row in exploited:
         assert set(row.donors) <= ids - {row.trial_id}
