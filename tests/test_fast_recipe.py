@@ -145,6 +145,19 @@ def test_muon_orthogonalization_is_near_orthogonal(shape: tuple[int, ...]) -> No
     assert (inner - torch.diag(inner.diag())).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("rows_cols", [(64, 216), (300, 64)])
+def test_fp32_newton_schulz_is_torchs_iteration(rows_cols: tuple[int, int]) -> None:
+    """The float32 path (CPUs without native bf16) computes what torch's bf16 iteration does,
+    up to bf16 rounding, for wide and tall (transposed) matrices."""
+    from cifar_dist.train.muon import NS_COEFFICIENTS, NS_EPS, _newton_schulz, _newton_schulz_fp32
+
+    m = torch.randn(*rows_cols, generator=torch.Generator().manual_seed(0))
+    ours = _newton_schulz_fp32(m, 5)
+    theirs = _newton_schulz(m, NS_COEFFICIENTS, 5, NS_EPS).float()
+    assert ours.dtype == torch.float32 and ours.shape == m.shape
+    assert torch.linalg.norm(ours - theirs) / torch.linalg.norm(theirs) < 0.02
+
+
 def test_muon_sgd_steps_filters_with_muon_and_the_rest_like_torch_sgd() -> None:
     torch.manual_seed(0)
     conv, lin = nn.Conv2d(3, 8, 3), nn.Linear(8, 4)

@@ -16,6 +16,7 @@ reshaping, the weight renormalisation and the group routing.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -46,7 +47,31 @@ def orthogonalize(update: Tensor, ns_steps: int = 5) -> Tensor:
     if _newton_schulz is None:  # pragma: no cover
         raise ConfigError("optim.name: muon needs torch >= 2.9 (torch.optim.Muon)")
     matrix = update.reshape(update.shape[0], -1)
+    if not _native_bf16(update.device.type):
+        return _newton_schulz_fp32(matrix, ns_steps).reshape(update.shape)
     return _newton_schulz(matrix, NS_COEFFICIENTS, ns_steps, NS_EPS).reshape(update.shape)
+
+
+@functools.cache
+def _native_bf16(device_type: str) -> bool:
+    from cifar_dist.train.common import native_bf16
+
+    return native_bf16(torch.device(device_type))
+
+
+def _newton_schulz_fp32(matrix: Tensor, ns_steps: int) -> Tensor:
+    """torch's iteration line for line, in float32. torch's casts to bfloat16, which a CPU
+    without AVX-512 BF16 / AMX emulates: the optimiser step then costs more than the model's."""
+    a, b, c = NS_COEFFICIENTS
+    x = matrix.float()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=NS_EPS)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
 
 
 class MuonSGD(torch.optim.Optimizer):
