@@ -137,7 +137,7 @@ def _free_port() -> int:
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("model_name", "norm"),
-    [("airbench_net", "batch"), ("resnet18", "group"), ("preact_resnet18", "batch")],
+    [("airbench_net_nano", "batch"), ("resnet18", "group"), ("preact_resnet18", "batch")],
 )
 def test_cnn_tp2_splits_channels_and_matches_single(model_name: str, norm: str) -> None:
     """Split conv weights are Shard(0)/Shard(1) DTensors of 1/tp the channels, their per-rank
@@ -170,11 +170,11 @@ def test_dp2_tp2_cnn_resumes_to_single_process_weights(runs: Runs) -> None:
     weights after 10 steps. The parallel run is channels_last (weights made contiguous for
     FSDP2, which refuses non-contiguous parameters; the images stay channels_last)."""
     clip = {"train.clip_norm": CNN["train.clip_norm"]}
-    single = runs.single("airbench_net", **clip)
+    single = runs.single("airbench_net_nano", **clip)
     extra = {**clip, "parallel.tp": 2, "parallel.dp": 2, "train.channels_last": True}
-    runs.torchrun(4, "dp2tp2_cnn", "airbench_net", **extra, **{"train.max_steps": 5})
+    runs.torchrun(4, "dp2tp2_cnn", "airbench_net_nano", **extra, **{"train.max_steps": 5})
     over = overrides(
-        runs.data, runs.root, "dp2tp2_cnn", "airbench_net", **extra, **{"train.resume": "auto"}
+        runs.data, runs.root, "dp2tp2_cnn", "airbench_net_nano", **extra, **{"train.resume": "auto"}
     )
     proc = run_torchrun(4, "train", *cli_args(over), timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

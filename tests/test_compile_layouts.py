@@ -23,9 +23,9 @@ def test_ddp_compiled_with_recipe_callbacks_matches_eager_single_process(runs: R
     stem, EMA and Lookahead against the eager single process (float64, so compiled kernels'
     other summation orders stay far below the 1e-5 per-step tolerance). Inductor really ran:
     its cache directory holds the generated kernels."""
-    single = runs.single("airbench_net", **RECIPE)
+    single = runs.single("airbench_net_nano", **RECIPE)
     cache = runs.root / "inductor_cache"
-    over = overrides(runs.data, runs.root, "recipe_ddp_compile", "airbench_net", **RECIPE)
+    over = overrides(runs.data, runs.root, "recipe_ddp_compile", "airbench_net_nano", **RECIPE)
     over["train.compile"] = True
     proc = run_torchrun(
         2, "train", *cli_args(over), env={"TORCHINDUCTOR_CACHE_DIR": str(cache)}, timeout=540

@@ -268,7 +268,7 @@ def test_deepspeed_builds_optimizer_and_schedule_from_the_json(
     user = tmp_path / "torch_adam.json"
     user.write_text(json.dumps({"optimizer": {"params": {"torch_adam": True}}}))
     over = _over(synth_cifar10, tmp_path, "dsopt", **DS)
-    over.update({"model.name": "airbench_net", "train.grad_accum": 1, "train.epochs": 2})
+    over.update({"model.name": "airbench_net_nano", "train.grad_accum": 1, "train.epochs": 2})
     over["train.max_steps"] = 6
     over["optim.name"] = "adamw"
     over.update({"optim.lr": 2e-3, "schedule.name": "cosine", "schedule.warmup_epochs": 0.2})
@@ -295,7 +295,7 @@ def test_deepspeed_builds_optimizer_and_schedule_from_the_json(
 @needs_ds
 def test_nonfinite_steps_stop_a_deepspeed_run(synth_cifar10: Path, tmp_path: Path) -> None:
     """Stage 0 (DeepSpeed applies every update; our norm hook sees the NaN gradients)."""
-    over = tiny_overrides(synth_cifar10, tmp_path, **DS, **{"model.name": "airbench_net"})
+    over = tiny_overrides(synth_cifar10, tmp_path, **DS, **{"model.name": "airbench_net_nano"})
     over.update({"optim.lr": 1e30, "optim.momentum": 0.0, "train.max_nonfinite": 3})
     over["deepspeed.zero_stage"] = 0
     proc = _run_single(over)
@@ -304,7 +304,7 @@ def test_nonfinite_steps_stop_a_deepspeed_run(synth_cifar10: Path, tmp_path: Pat
 
 
 # --- the pipeline engine ------------------------------------------------------------------
-PIPE_RUN = {"model.name": "airbench_net", "model.norm": "group"}
+PIPE_RUN = {"model.name": "airbench_net_nano", "model.norm": "group"}
 
 
 @needs_ds

@@ -49,7 +49,7 @@ def test_fast_cpu_config_runs_end_to_end(synth_cifar10: Path, tmp_path: Path) ->
     """10 epochs x 15 steps of the CPU recipe (amp auto, channels_last, whitening, Lookahead,
     6-view TTA) on the narrow net (the width changes no code path; the wide net took ~3 min on
     an AVX2 CPU): learns, keeps the fitted stem frozen and its bias frozen after 3 epochs."""
-    over = {"train.epochs": 10, "model.name": "airbench_net"}
+    over = {"train.epochs": 10, "model.name": "airbench_net_nano"}
     cfg = load_config(FAST_CPU, short(synth_cifar10, tmp_path, "fast", **over))
     res = fit(cfg)
     assert res["steps"] == 150 and res["val_acc"] >= 0.9, res
@@ -72,7 +72,7 @@ def test_resume_mid_run_with_lookahead_is_bit_identical(
     synth_cifar10: Path, tmp_path: Path
 ) -> None:
     common = {
-        "model.name": "airbench_net",  # the narrow net: this test is about resume mechanics
+        "model.name": "airbench_net_nano",  # the narrow net: this test is about resume mechanics
         "train.epochs": 2,
         "train.amp": "none",
         "train.channels_last": False,
@@ -105,7 +105,7 @@ def test_batch_size_auto_resolves_and_is_saved(synth_cifar10: Path, tmp_path: Pa
         synth_cifar10,
         tmp_path,
         **{
-            "model.name": "airbench_net",
+            "model.name": "airbench_net_nano",
             "model.norm": "batch",
             "data.batch_size": "auto",
             "data.auto_batch_max": 100,
@@ -152,7 +152,7 @@ def test_fast_trainer_ddp_matches_single_process(synth_cifar10: Path, tmp_path: 
             synth_cifar10,
             tmp_path,
             **{
-                "model.name": "airbench_net",
+                "model.name": "airbench_net_nano",
                 "model.norm": norm,
                 "model.init": "dirac",
                 "model.norm_weight": False,

@@ -33,9 +33,9 @@ def report(run_dir: Path) -> dict[str, Any]:
 
 
 def test_single_process_holds_the_whole_model(runs: Runs) -> None:
-    run = runs.single("airbench_net", **CNN)  # shared with the pipeline and TP tests
+    run = runs.single("airbench_net_nano", **CNN)  # shared with the pipeline and TP tests
     rep = report(run)
-    total = sum(p.numel() for p in create_model("airbench_net", norm="group").parameters())
+    total = sum(p.numel() for p in create_model("airbench_net_nano", norm="group").parameters())
     (r,) = rep["ranks"]
     assert rep["params_total"] == r["local"] == total and r["sharded_local"] == 0
     assert rep["comm_bytes_per_step"] == 0 and rep["mesh"]["world"] == 1
@@ -47,7 +47,7 @@ def test_single_process_holds_the_whole_model(runs: Runs) -> None:
 
 @pytest.mark.distributed
 def test_cnn_tp2_ranks_each_hold_half_of_the_split_layers(runs: Runs) -> None:
-    run = runs.torchrun(2, "tp2_cnn", "airbench_net", **CNN, **{"parallel.tp": 2})
+    run = runs.torchrun(2, "tp2_cnn", "airbench_net_nano", **CNN, **{"parallel.tp": 2})
     rep = report(run)
     a, b = rep["ranks"]
     assert (a["tp"], b["tp"]) == (0, 1)

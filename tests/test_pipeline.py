@@ -32,8 +32,8 @@ PP2 = {"parallel.pp": 2, "parallel.microbatches": 4}
 CASES = {
     # The CNN clips its gradients (the norm must be global across stages for the clip to agree)
     # and runs channels_last (stage boundaries must still be sent as contiguous tensors).
-    "airbench_net-gpipe": ("airbench_net", {"parallel.pp_schedule": "gpipe", **CNN}),
-    "airbench_net-1f1b": ("airbench_net", {"parallel.pp_schedule": "1f1b", **CNN}),
+    "airbench_net-gpipe": ("airbench_net_nano", {"parallel.pp_schedule": "gpipe", **CNN}),
+    "airbench_net-1f1b": ("airbench_net_nano", {"parallel.pp_schedule": "1f1b", **CNN}),
     "vit_nano-gpipe": ("vit_nano", {"parallel.pp_schedule": "gpipe"}),
     "vit_nano-1f1b": ("vit_nano", {"parallel.pp_schedule": "1f1b"}),
     "vit_nano-interleaved": (
@@ -181,8 +181,8 @@ def test_batchnorm_under_a_pipeline_warns_once(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(pipeline, "_warned_batchnorm", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pipeline.warn_batchnorm(create_model("airbench_net", norm="group"), True)
+        pipeline.warn_batchnorm(create_model("airbench_net_nano", norm="group"), True)
         assert not caught
         for _ in range(3):
-            pipeline.warn_batchnorm(create_model("airbench_net", norm="batch"), True)
+            pipeline.warn_batchnorm(create_model("airbench_net_nano", norm="batch"), True)
     assert len(caught) == 1 and "micro-batch" in str(caught[0].message)

@@ -53,15 +53,15 @@ def _ema(run: Path) -> dict[str, torch.Tensor]:
 def test_recipe_callbacks_match_single_process(
     runs: Runs, name: str, nproc: int, layout: dict[str, object]
 ) -> None:
-    single = runs.single("airbench_net", **RECIPE)
+    single = runs.single("airbench_net_nano", **RECIPE)
     # Stopped after step 5 (mid-epoch, after the bias freeze and Lookahead's first average)
     # and resumed: weights, optimiser, EMA and Lookahead state go through the checkpoint.
     # dp2 x pp2 writes the pipeline's shard format that pp2 (and tp2 x pp2 below) resume from:
     # it runs straight through (4 ranks on 2 cores: a restart costs the most there).
     if name == "dp2xpp2":
-        other = runs.torchrun(nproc, f"recipe_{name}", "airbench_net", **RECIPE, **layout)
+        other = runs.torchrun(nproc, f"recipe_{name}", "airbench_net_nano", **RECIPE, **layout)
     else:
-        other = runs.resumed(nproc, f"recipe_{name}", "airbench_net", 5, **RECIPE, **layout)
+        other = runs.resumed(nproc, f"recipe_{name}", "airbench_net_nano", 5, **RECIPE, **layout)
     assert_same_run(single, other)  # per-step loss and grad norm, final (Lookahead) weights
     a, b = _ema(single), _ema(other)
     assert a.keys() == b.keys() and int(a["n_averaged"]) == int(b["n_averaged"]) == 10
@@ -89,7 +89,7 @@ def test_deepspeed_refusals_say_why() -> None:
     ds = {"parallel.engine": "deepspeed"}
     refused = [
         ({"train.lookahead_every": 2}, "train.lookahead_every", "DeepSpeed"),
-        ({"model.whiten_init": 64, "model.name": "airbench_net"}, "model.whiten_init", "DeepSpeed"),
+        ({"model.whiten_init": 64, "model.name": "airbench_net_nano"}, "model.whiten_init", "DeepSpeed"),
         ({"train.ema_decay": 0.9, "deepspeed.zero_stage": 3}, "train.ema_decay", "ZeRO-3"),
         ({"train.ema_decay": 0.9, "parallel.pp": 2}, "train.ema_decay", "pipeline engine"),
     ]

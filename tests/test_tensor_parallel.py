@@ -40,9 +40,9 @@ def test_dp2_tp2_vit_matches_single_process(runs: Runs) -> None:
 
 def test_tp2_cnn_classifier_matches_single_process(runs: Runs) -> None:
     """The CNN plan (channel-split conv pairs, row-wise parallel classifier)."""
-    single = runs.single("airbench_net", **CNN)  # shared with the pipeline tests
+    single = runs.single("airbench_net_nano", **CNN)  # shared with the pipeline tests
     assert_same_run(
-        single, runs.torchrun(2, "tp2_cnn", "airbench_net", **CNN, **{"parallel.tp": 2})
+        single, runs.torchrun(2, "tp2_cnn", "airbench_net_nano", **CNN, **{"parallel.tp": 2})
     )
 
 

@@ -35,7 +35,7 @@ def test_memorises_256_images(synth_cifar10: Path, tmp_path: Path) -> None:
         **{
             "data.subset": 256,
             "data.batch_size": 64,
-            "model.name": "airbench_net",
+            "model.name": "airbench_net_nano",
             "model.norm": "batch",
             "optim.lr": 0.05,
             "schedule.name": "onecycle",
@@ -68,7 +68,7 @@ def test_memorises_256_images(synth_cifar10: Path, tmp_path: Path) -> None:
 def test_grad_accumulation_matches_full_batch(synth_cifar10: Path, tmp_path: Path) -> None:
     """4 micro-batches of 8 give the same update as one batch of 32 (GroupNorm: no batch coupling)."""
     common = {
-        "model.name": "airbench_net",
+        "model.name": "airbench_net_nano",
         "model.norm": "group",
         "train.max_steps": 1,
         "optim.momentum": 0.9,
@@ -103,7 +103,7 @@ def test_resume_is_bit_identical(
     with exactly the weights of an uninterrupted run."""
     common = {
         "train.epochs": 2,
-        "model.name": "airbench_net",
+        "model.name": "airbench_net_nano",
         "model.norm": "batch",
         "data.crop_padding": 4,
         "data.flip": True,
@@ -176,7 +176,7 @@ def test_eval_command_reproduces_summary(synth_cifar10: Path, tmp_path: Path) ->
     over = tiny_overrides(
         synth_cifar10,
         tmp_path,
-        **{"model.name": "airbench_net", "train.ema_decay": 0.5, "train.tta": True},
+        **{"model.name": "airbench_net_nano", "train.ema_decay": 0.5, "train.tta": True},
     )
     summary = fit(load_config(None, over))
     from cifar_dist.train.eval_checkpoint import evaluate_checkpoint
@@ -234,7 +234,7 @@ def test_early_stopping_on_flat_validation_loss(synth_cifar10: Path, tmp_path: P
         synth_cifar10,
         tmp_path,
         **{
-            "model.name": "airbench_net",
+            "model.name": "airbench_net_nano",
             "optim.lr": 1e-12,
             "train.epochs": 6,
             "train.early_stopping": 2,
@@ -305,7 +305,7 @@ def test_fast_loaders_train_end_to_end(synth_cifar10: Path, tmp_path: Path, load
         synth_cifar10,
         tmp_path,
         **{
-            "model.name": "airbench_net",
+            "model.name": "airbench_net_nano",
             "data.loader": loader,
             "data.cutout": 8,
             "data.flip": True,

@@ -14,6 +14,7 @@ from .registry import PipelineModel, TensorParallelPlan, register_model
 WIDTHS = (64, 256, 256)
 WIDE_WIDTHS = (128, 384, 384)  # airbench95: ~2.5x the compute per image, +1 point at 15 epochs
 MID_WIDTHS = (96, 320, 320)  # ~1.7x airbench94's convolution FLOPs per image, ~0.66x airbench95's
+NANO_WIDTHS = (16, 32, 32)  # ~1/20 of airbench94's convolution FLOPs: tests and smoke runs
 WHITEN_KERNEL = 2
 WHITEN_WIDTH = 2 * 3 * WHITEN_KERNEL**2  # every 2x2x3 patch eigenvector and its negation
 LOGIT_SCALE = 1 / 9  # airbench's fixed output temperature
@@ -131,6 +132,24 @@ def airbench_net_mid(
     Applies: norm, groups (with norm="group"). Ignored: se, dropout, drop_path.
     """
     return AirbenchNet(num_classes, norm, groups, MID_WIDTHS)
+
+
+@register_model("airbench_net_nano")
+def airbench_net_nano(
+    num_classes: int = 10,
+    *,
+    norm: str = "batch",
+    groups: int = 8,
+    se: bool = False,
+    dropout: float = 0.0,
+    drop_path: float = 0.0,
+) -> nn.Module:
+    """airbench_net with conv groups of 16/32/32 (~24k params): the same code paths at ~1/20
+    of the compute, for tests, smoke runs and debugging (not for accuracy).
+
+    Applies: norm, groups (with norm="group"). Ignored: se, dropout, drop_path.
+    """
+    return AirbenchNet(num_classes, norm, groups, NANO_WIDTHS)
 
 
 @torch.no_grad()
