@@ -67,7 +67,7 @@ def _check(proc: subprocess.CompletedProcess) -> None:
 # --- ZeRO-1/2 against DDP -----------------------------------------------------------------
 # The ViT with clipping on (grad norms 2.5-10, clip 1.0: every step is clipped), so the
 # comparison also covers gradient clipping through DeepSpeed's config.
-ZERO_RUN = {"model.name": "vit_tiny", "train.clip_norm": 1.0}
+ZERO_RUN = {"model.name": "vit_nano", "train.clip_norm": 1.0}
 # EMA on in the DDP, ZeRO-1 and ZeRO-2 runs (it changes no step): test_zero_ema_matches_ddp.
 EMA = {"train.ema_decay": 0.8}
 
@@ -107,10 +107,11 @@ def zero2_run(synth_cifar10: Path, runs: Path) -> Path:
 # Tolerance: DDP and ZeRO see bitwise-identical data and initial weights and, with 2 ranks,
 # sum the same two gradient values (one exactly rounded addition either way). What differs:
 # DeepSpeed divides by the world size before or after that sum and computes the clipping norm
-# in float64, where torch's clip_grad_norm_ accumulates in float32 (on a 590k-element conv
-# weight here the float32 norm is off by ~1e-5 relative). That changes the clip factor in the
-# 5th digit; the ViT does not amplify it (observed max |loss difference| ~3e-7 over 10 steps).
-# 1e-5 leaves 30x headroom and is far below what a real mistake does: no clipping, a wrong
+# in float64, where torch's clip_grad_norm_ accumulates in float32 (on vit_tiny's 590k-element
+# weights the float32 norm was off by ~1e-5 relative). That changes the clip factor in the
+# 5th digit; the ViT does not amplify it (max |loss difference| over 10 steps: ~3e-7 on
+# vit_tiny, 0.9e-7 / 1.5e-7 for ZeRO-1 / ZeRO-2 on vit_nano, which these tests now use).
+# 1e-5 leaves >30x headroom and is far below what a real mistake does: no clipping, a wrong
 # accumulation scale or a missing gradient reduction change the loss by > 1e-2 within 3 steps.
 # (The ReLU/max-pool CNNs amplify such 1e-5 clip differences ~10x per step, hence the ViT.)
 LOSS_TOL = 1e-5
@@ -204,7 +205,7 @@ def test_zero_1_2_3_split_the_optimizer_state_across_ranks(
     extra = {**ZERO_RUN, **DS, "deepspeed.zero_stage": 3, "train.max_steps": 2}
     over = _over(synth_cifar10, runs, "zero3", **{**extra, "train.ckpt_every_steps": 2})
     _check(run_torchrun(2, "train", *cli_args(over), timeout=240))
-    params = sum(p.numel() for p in create_model("vit_tiny").parameters())
+    params = sum(p.numel() for p in create_model("vit_nano").parameters())
     for step in (
         zero1_run / "checkpoints/step_00000010",
         zero2_run / "checkpoints/step_00000010",
@@ -304,7 +305,7 @@ def test_nonfinite_steps_stop_a_deepspeed_run(synth_cifar10: Path, tmp_path: Pat
 
 
 # --- the pipeline engine ------------------------------------------------------------------
-PIPE_RUN = {"model.name": "airbench_net_nano", "model.norm": "group"}
+PIPE_RUN = {"model.name": "airbench_net", "model.norm": "group"}
 
 
 @needs_ds

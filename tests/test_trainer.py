@@ -35,7 +35,7 @@ def test_memorises_256_images(synth_cifar10: Path, tmp_path: Path) -> None:
         **{
             "data.subset": 256,
             "data.batch_size": 64,
-            "model.name": "airbench_net_nano",
+            "model.name": "airbench_net",
             "model.norm": "batch",
             "optim.lr": 0.05,
             "schedule.name": "onecycle",
@@ -252,7 +252,7 @@ def test_bf16_autocast_channels_last_steps(synth_cifar10: Path, tmp_path: Path) 
         synth_cifar10,
         tmp_path,
         **{
-            "model.name": "vit_tiny",
+            "model.name": "airbench_net_nano",
             "train.amp": "bf16",
             "train.channels_last": True,
             "train.max_steps": 2,

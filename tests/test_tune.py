@@ -49,7 +49,7 @@ def write_sweep(tmp: Path, data: Path, sweep: dict[str, Any], **base_extra: Any)
     base = tiny_overrides(
         data,
         tmp / "unused",
-        **{"model.name": "airbench_net", "data.subset": 64, "train.epochs": 2, **base_extra},
+        **{"model.name": "airbench_net_nano", "data.subset": 64, "train.epochs": 2, **base_extra},
     )
     (tmp / "base.yaml").write_text(yaml.safe_dump(nested(base)))
     tree = {"base": "base.yaml", "dir": str(tmp / "sweeps"), **sweep}
@@ -332,23 +332,23 @@ def flaky_trial(config: dict[str, Any], ctx: Any) -> None:
 def test_diverging_trial_ends_cleanly_and_crashed_trial_resumes(
     ray_session: Any, synth_cifar10: Path, tmp_path: Path
 ) -> None:
-    """One sweep, two failure kinds: lr=1e8 diverges to NaN (ends as `diverged`, not retried);
+    """One sweep, two failure kinds: lr=1e30 overflows to NaN (ends as `diverged`, not retried);
     lr=0.03 crashes after epoch 1 (retried from its Tune checkpoint). The sweep completes."""
     path = write_sweep(
         tmp_path,
         synth_cifar10,
         {
-            "space": {"optim.lr": {"values": [0.03, 1.0e8]}},
+            "space": {"optim.lr": {"values": [0.03, 1.0e30]}},
             "search": {"algo": "grid"},
             "run": {"train.max_nonfinite": 2},
             "trial": {"max_failures": 1},
         },
-        # 4 steps per epoch: the 1e8 step blows the weights up, the next two losses are NaN
+        # 4 steps per epoch: the 1e30 step overflows the weights, the next two losses are NaN
         **{"train.epochs": 2, "data.subset": 128},
     )
     out = run(path, trial_fn=flaky_trial)
     rows = {float(r["optim.lr"]): r for r in csv_rows(out.csv)}
-    bad = rows[1.0e8]
+    bad = rows[1.0e30]
     assert bad["status"] == "diverged" and bad["epochs"] == "0"
     assert bad["error"].startswith("training diverged: 2 consecutive non-finite")
     assert (Path(bad["run_dir"]) / "metrics.jsonl").read_text() == ""  # one attempt, no epoch
