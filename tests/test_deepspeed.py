@@ -199,9 +199,10 @@ def _optimizer_state_numel(path: Path) -> int:
 @needs_ds
 @pytest.mark.timeout(300)
 def test_zero_1_2_3_split_the_optimizer_state_across_ranks(
-    synth_cifar10: Path, runs: Path, zero1_run: Path, zero2_run: Path
+    synth_cifar10: Path, runs: Path, ddp_run: Path, zero1_run: Path, zero2_run: Path
 ) -> None:
-    """Each of the 2 ranks holds the momentum of ~1/2 of the parameters (ZeRO-0 holds all)."""
+    """Each of the 2 ranks holds the momentum of ~1/2 of the parameters (DDP holds all), in the
+    checkpoint shards and in parallel.json; ZeRO-3 also holds ~1/2 of the parameters."""
     extra = {**ZERO_RUN, **DS, "deepspeed.zero_stage": 3, "train.max_steps": 2}
     over = _over(synth_cifar10, runs, "zero3", **{**extra, "train.ckpt_every_steps": 2})
     _check(run_torchrun(2, "train", *cli_args(over), timeout=240))
@@ -218,6 +219,18 @@ def test_zero_1_2_3_split_the_optimizer_state_across_ranks(
         for n in held:  # half each, up to DeepSpeed's alignment padding
             assert abs(n - params / 2) <= 0.01 * params, (step, held, params)
         assert sum(held) >= params
+    whole = json.loads((ddp_run / "parallel.json").read_text())["ranks"][0]
+    for run, stage in ((zero1_run, 1), (zero2_run, 2), (runs / "zero3", 3)):
+        rep = json.loads((run / "parallel.json").read_text())
+        assert rep["mesh"]["engine"] == "deepspeed" and rep["mesh"]["zero_stage"] == stage
+        for r in rep["ranks"]:
+            padding = r["optimizer_state_bytes"] - whole["optimizer_state_bytes"] / 2
+            assert 0 <= padding <= 0.01 * whole["optimizer_state_bytes"], (stage, r)
+            if stage < 3:  # whole parameters on every rank
+                assert r["local"] == params and r["sharded_local"] == 0, r
+            else:  # ZeRO-3: the rank's partition of the parameters
+                assert r["local"] == r["sharded_local"], r
+                assert abs(r["local"] - params / 2) <= 0.01 * params, r
 
 
 @needs_ds

@@ -129,6 +129,11 @@ def test_ddp_matches_single_process(
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_run(tmp_path / "single", tmp_path / "ddp")
+    # parallel.json: two whole replicas; a ring all-reduce sends 2 (n-1)/n of the gradients
+    rep = json.loads((tmp_path / "ddp" / "parallel.json").read_text())
+    n = rep["params_total"]
+    assert [(r["dp"], r["local"], r["sharded_local"]) for r in rep["ranks"]] == [(0, n, 0), (1, n, 0)]
+    assert rep["comm_bytes_per_step"] == n * rep["bytes_per_element"]
 
 
 def test_distributed_eval_equals_single(synth_cifar10: Path, tmp_path: Path) -> None:
