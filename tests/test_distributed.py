@@ -110,7 +110,10 @@ def assert_same_run(single: Path, ddp: Path, tol: float = 1e-5) -> None:
 # in float64, where the same amplification stays far below the tolerance.
 @pytest.mark.parametrize(
     ("model", "single_norm", "ddp_norm", "dtype"),
-    [("vit_nano", "group", "group", "float32"), ("airbench_net_nano", "batch", "sync_batch", "float64")],
+    [
+        ("vit_nano", "group", "group", "float32"),
+        ("airbench_net_nano", "batch", "sync_batch", "float64"),
+    ],
 )
 def test_ddp_matches_single_process(
     synth_cifar10: Path, tmp_path: Path, model: str, single_norm: str, ddp_norm: str, dtype: str
@@ -132,7 +135,10 @@ def test_ddp_matches_single_process(
     # parallel.json: two whole replicas; a ring all-reduce sends 2 (n-1)/n of the gradients
     rep = json.loads((tmp_path / "ddp" / "parallel.json").read_text())
     n = rep["params_total"]
-    assert [(r["dp"], r["local"], r["sharded_local"]) for r in rep["ranks"]] == [(0, n, 0), (1, n, 0)]
+    assert [(r["dp"], r["local"], r["sharded_local"]) for r in rep["ranks"]] == [
+        (0, n, 0),
+        (1, n, 0),
+    ]
     assert rep["comm_bytes_per_step"] == n * rep["bytes_per_element"]
 
 

@@ -89,7 +89,11 @@ def test_deepspeed_refusals_say_why() -> None:
     ds = {"parallel.engine": "deepspeed"}
     refused = [
         ({"train.lookahead_every": 2}, "train.lookahead_every", "DeepSpeed"),
-        ({"model.whiten_init": 64, "model.name": "airbench_net_nano"}, "model.whiten_init", "DeepSpeed"),
+        (
+            {"model.whiten_init": 64, "model.name": "airbench_net_nano"},
+            "model.whiten_init",
+            "DeepSpeed",
+        ),
         ({"train.ema_decay": 0.9, "deepspeed.zero_stage": 3}, "train.ema_decay", "ZeRO-3"),
         ({"train.ema_decay": 0.9, "parallel.pp": 2}, "train.ema_decay", "pipeline engine"),
     ]
