@@ -39,7 +39,7 @@ def test_memorises_256_images(synth_cifar10: Path, tmp_path: Path) -> None:
             "model.norm": "batch",
             "optim.lr": 0.05,
             "schedule.name": "onecycle",
-            "train.epochs": 15,
+            "train.epochs": 10,
         },
     )
     cfg = load_config(None, over)
