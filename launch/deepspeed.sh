@@ -22,6 +22,10 @@
 #   OMP_NUM_THREADS  threads per process; default: CPU cores / NPROC, at least 1 (DeepSpeed's
 #                    launcher, unlike torchrun, sets none)
 #   DEEPSPEED        launcher executable (default: deepspeed on PATH, else .venv/bin/deepspeed)
+#   PYTHON           python used to count GPUs and check the config (default: the python next
+#                    to DEEPSPEED)
+#   CHECK_CONFIG     0 skips loading the config once before launching (default 1: a config
+#                    error then stops here with its one line, not on every rank)
 #
 # Exit code: 0 done; 75 pre-empted (SIGTERM/SIGINT/SIGUSR1) after a checkpoint: run it again
 # with --train.resume=auto; anything else: a failure.
@@ -41,8 +45,10 @@ if [[ -z ${DEEPSPEED:-} ]]; then
     exit 1
   fi
 fi
-PYTHON=$(dirname "$DEEPSPEED")/python
-[[ -x $PYTHON ]] || PYTHON=python3
+if [[ -z ${PYTHON:-} ]]; then
+  PYTHON=$(dirname "$DEEPSPEED")/python
+  [[ -x $PYTHON ]] || PYTHON=python3
+fi
 
 if [[ -z ${NPROC:-} ]]; then
   if command -v nvidia-smi >/dev/null 2>&1; then
@@ -80,6 +86,7 @@ fi
 # rank 0 writes this marker after the checkpoint (cifar_dist/train/preemption.py).
 new_preempt_marker # launch/lib.sh
 
+check_config "$PYTHON" "$@" # launch/lib.sh: a config error ends here, in one line
 echo "+ OMP_NUM_THREADS=$OMP_NUM_THREADS $DEEPSPEED ${args[*]} --module cifar_dist train $*" >&2
 # The launcher runs in the background in its own process group (set -m): a signal to this
 # script's group reaches it once, through the trap. It forwards SIGTERM/SIGINT to the workers,

@@ -24,7 +24,10 @@
 #                     <LOG_DIR>/<rdzv id>_<random>/attempt_<n>/<local rank>/{stdout,stderr}.log
 #   OMP_NUM_THREADS   threads per process; default: CPU cores / NPROC, at least 1
 #   TORCHRUN          torchrun executable (default: torchrun on PATH, else .venv/bin/torchrun)
-#   PYTHON            python used to count GPUs (default: the python next to TORCHRUN)
+#   PYTHON            python used to count GPUs and check the config (default: the python next
+#                     to TORCHRUN)
+#   CHECK_CONFIG      0 skips loading the config once before launching (default 1: a config
+#                     error then stops here with its one line, not on every rank)
 #
 # Exit code: 0 done; 75 pre-empted (SIGTERM/SIGUSR1) after a checkpoint: run the same command
 # again with --train.resume=auto; anything else: a failure (torchrun itself reports 1 for any
@@ -141,6 +144,7 @@ fi
 # this script then exits 75 instead: requeue on 75, investigate anything else non-zero.
 new_preempt_marker # launch/lib.sh
 
+check_config "$PYTHON" "$@" # launch/lib.sh: a config error ends here, in one line
 echo "+ OMP_NUM_THREADS=$OMP_NUM_THREADS $TORCHRUN ${args[*]} -m cifar_dist train $*" >&2
 # torchrun runs in the background in its own process group (set -m), so a signal to this
 # script's group reaches it once, through the trap below, not twice (a second SIGTERM would cut

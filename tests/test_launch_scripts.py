@@ -114,7 +114,7 @@ def test_torchrun_script_maps_1_to_75_only_with_the_marker(
 ) -> None:
     bin_dir = _fake_bin(tmp_path)
     proc = subprocess.run(
-        ["bash", str(ROOT / "launch/torchrun.sh"), "--model.name=x"],
+        ["bash", str(ROOT / "launch/torchrun.sh"), "-c", str(ROOT / "configs/debug_cpu.yaml")],
         capture_output=True,
         text=True,
         timeout=60,
@@ -131,3 +131,27 @@ def test_torchrun_script_maps_1_to_75_only_with_the_marker(
     )
     assert proc.returncode == rc, proc.stderr
     assert not list(tmp_path.glob("cifar-dist-preempt.*"))
+
+
+@pytest.mark.parametrize(
+    ("script", "launcher"), [("torchrun", "TORCHRUN"), ("deepspeed", "DEEPSPEED")]
+)
+def test_launch_script_stops_a_config_error_in_one_line_before_launching(
+    tmp_path: Path, script: str, launcher: str
+) -> None:
+    """The scripts load the config once first: a bad key exits 2 with the CLI's one line (not
+    N ranks' copies and the launcher's traceback); the launcher (a stand-in that would exit 0)
+    never starts."""
+    bin_dir = _fake_bin(tmp_path)
+    proc = subprocess.run(
+        ["bash", str(ROOT / f"launch/{script}.sh"), "--optim.lrr=0.1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, launcher: str(bin_dir / "torchrun"), "PYTHON": sys.executable,
+             "NPROC": "2", "MODE": "ok", "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("cifar-dist: error: optim.lrr: unknown key (known: "), line
