@@ -139,8 +139,12 @@ CLASSIFIED: dict[str, Run | Check | Skip] = {
     "HOST_UID=$(id -u) HOST_GID=$(id -g) docker compose -f docker/compose.yaml up --build": Skip(
         "docker"
     ),
-    "NPROC=2 launch/torchrun.sh -c configs/debug_cpu.yaml --train.device=cpu --log.name=smoke": Run(),
-    "torchrun --standalone --nproc-per-node=2 -m cifar_dist train -c configs/debug_cpu.yaml --train.device=cpu": Run(),
+    "NPROC=2 launch/torchrun.sh -c configs/debug_cpu.yaml --train.device=cpu --log.name=smoke": Check(
+        "README's `NPROC=2 bash launch/torchrun.sh -c configs/debug_cpu.yaml` runs the same launch"
+    ),
+    "torchrun --standalone --nproc-per-node=2 -m cifar_dist train -c configs/debug_cpu.yaml --train.device=cpu": Check(
+        "tests/test_distributed.py launches `torchrun --standalone ... -m cifar_dist train` this way"
+    ),
     "pytest -m distributed": Skip("the test suite itself"),
     # docs/fast_data.md
     "apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev": Skip(INSTALL),

@@ -76,7 +76,7 @@ def _fault_over(data: Path, runs: Path, name: str, **extra: object) -> dict[str,
         data,
         runs,
         **{
-            "model.name": "airbench_net",
+            "model.name": "airbench_net_nano",
             "model.norm": "batch",
             "train.epochs": 2,
             "train.ckpt_every_steps": 5,

@@ -20,7 +20,15 @@ from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+# CHECK_CONFIG=0: the launch scripts' config pre-check (~4 s a launch) has its own test
+# (test_launch_scripts.py); these runs use configs that load.
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "WANDB_MODE": "disabled",
+    "PYTHONUNBUFFERED": "1",
+    "CHECK_CONFIG": "0",
+}
 
 
 def torchrun_cmd(nproc: int, *args: str, restarts: int = 0) -> list[str]:

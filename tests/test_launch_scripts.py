@@ -123,6 +123,7 @@ def test_torchrun_script_maps_1_to_75_only_with_the_marker(
             **os.environ,
             "TORCHRUN": str(bin_dir / "torchrun"),
             "PYTHON": sys.executable,
+            "CHECK_CONFIG": "0",  # the pre-check: the test below
             "NPROC": "2",
             "MODE": mode,
             "TMPDIR": str(tmp_path),

@@ -21,14 +21,14 @@ def _images(batch: int, seed: int = 0) -> torch.Tensor:
 
 def test_registry_holds_the_zoo() -> None:
     expected = {"seed_cnn", "resnet18", "preact_resnet18", "airbench_net", "airbench_net_mid"}
-    expected |= {"airbench_net_wide", "vit_tiny", "vit_small"}
+    expected |= {"airbench_net_wide", "airbench_net_nano", "vit_tiny", "vit_small", "vit_nano"}
     assert expected <= set(MODELS)
 
 
 @pytest.mark.parametrize(
     ("name", "widths"),
     [("airbench_net", (64, 256, 256)), ("airbench_net_mid", (96, 320, 320)),
-     ("airbench_net_wide", (128, 384, 384))],
+     ("airbench_net_wide", (128, 384, 384)), ("airbench_net_nano", (16, 32, 32))],
 )  # fmt: skip
 def test_airbench_widths(name: str, widths: tuple[int, ...]) -> None:
     model = create_model(name)
