@@ -22,6 +22,18 @@ def synth_cifar10(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def leave_spawned_worker() -> None:
+    """End a torch.multiprocessing worker whose checks passed without interpreter teardown: a
+    gloo process now and then aborts there ("terminate called without an active exception": a
+    joinable native thread destroyed; cifar_dist/cli.py leaves launched workers the same way),
+    which mp.spawn reports as a failed rank. A failed check raises before this is reached."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def tiny_overrides(data_dir: Path, run_dir: Path, **extra: object) -> dict[str, object]:
     """Dotted overrides for a seconds-long run of a small model on synthetic data."""
     base: dict[str, object] = {

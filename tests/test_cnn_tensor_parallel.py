@@ -20,6 +20,7 @@ from cifar_dist.config.schema import ConfigError
 from cifar_dist.models import create_model
 from cifar_dist.parallel.tensor import check_tp
 from cifar_dist.train.checkpoint import load_checkpoint
+from tests.conftest import leave_spawned_worker
 from tests.parallel_helpers import (
     CNN,
     Runs,
@@ -102,6 +103,7 @@ def _worker(rank: int, port: int, model_name: str, norm: str) -> None:
         _compare_steps(single, tp_model, gen)
     finally:
         dist.destroy_process_group()
+    leave_spawned_worker()
 
 
 def _compare_steps(single: nn.Module, tp_model: nn.Module, gen: torch.Generator) -> None:

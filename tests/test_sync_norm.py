@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cifar_dist.parallel.sync_norm import CrossRankBatchNorm2d
+from tests.conftest import leave_spawned_worker
 
 pytestmark = pytest.mark.distributed
 WORLD = 2
@@ -101,6 +102,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    leave_spawned_worker()
 
 
 @pytest.fixture(scope="module")
