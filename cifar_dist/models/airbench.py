@@ -144,7 +144,7 @@ def airbench_net_nano(
     dropout: float = 0.0,
     drop_path: float = 0.0,
 ) -> nn.Module:
-    """airbench_net with conv groups of 16/32/32 (~24k params): the same code paths at ~1/20
+    """airbench_net with conv groups of 16/32/32 (~39k params): the same code paths at ~1/20
     of the compute, for tests, smoke runs and debugging (not for accuracy).
 
     Applies: norm, groups (with norm="group"). Ignored: se, dropout, drop_path.
