@@ -81,7 +81,10 @@ CLASSIFIED: dict[str, Run | Check | Skip] = {
     "cifar-dist ds-consolidate runs/r1/checkpoints": Check(
         "needs a DeepSpeed run directory (r1 above is a torch run); tests/test_deepspeed.py consolidates one"
     ),
-    "torchrun --nproc_per_node=2 -m cifar_dist train -c configs/vit_pp2.yaml": Check(SMOKE),
+    "torchrun --nproc_per_node=2 -m cifar_dist train -c configs/vit_pp2.yaml": Check(
+        "the smoke matrix runs this config on 4 ranks (dp=2 x pp=2) and pp=2 alone on "
+        "vit_pp2_interleaved.yaml and resnet18_pp2.yaml"
+    ),
     "torchrun --nproc_per_node=4 -m cifar_dist train -c configs/vit_dp2_tp2.yaml": Check(SMOKE),
     "bash scripts/setup.sh dev,wandb,compress,tune": Skip(INSTALL),
     "cifar-dist tune -c configs/tune/debug_grid.yaml": Check(SMOKE),

@@ -82,74 +82,47 @@ class AirbenchNet(PipelineModel):
         return plan
 
 
-@register_model("airbench_net")
-def airbench_net(
-    num_classes: int = 10,
-    *,
-    norm: str = "batch",
-    groups: int = 8,
-    se: bool = False,
-    dropout: float = 0.0,
-    drop_path: float = 0.0,
-) -> nn.Module:
-    """airbench94's net: 2x2 whitening stem (24 ch) + conv groups of 64/256/256 + max-pool head.
+def _register_widths(name: str, widths: tuple[int, ...], summary: str) -> None:
+    """Register AirbenchNet at `widths` as `name`: the variants differ only in their widths."""
 
-    Call `fit_whitening(model.whiten, train_images)` before training to get airbench's init.
-    Applies: norm, groups (with norm="group"). Ignored: se, dropout, drop_path.
-    """
-    return AirbenchNet(num_classes, norm, groups)
+    def factory(
+        num_classes: int = 10,
+        *,
+        norm: str = "batch",
+        groups: int = 8,
+        se: bool = False,
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
+    ) -> nn.Module:
+        return AirbenchNet(num_classes, norm, groups, widths)
 
-
-@register_model("airbench_net_wide")
-def airbench_net_wide(
-    num_classes: int = 10,
-    *,
-    norm: str = "batch",
-    groups: int = 8,
-    se: bool = False,
-    dropout: float = 0.0,
-    drop_path: float = 0.0,
-) -> nn.Module:
-    """airbench95's net: airbench_net with conv groups of 128/384/384 (4.6M params).
-
-    Applies: norm, groups (with norm="group"). Ignored: se, dropout, drop_path.
-    """
-    return AirbenchNet(num_classes, norm, groups, WIDE_WIDTHS)
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = (
+        f'{summary}\n\nApplies: norm, groups (with norm="group"). Ignored: se, dropout, drop_path.'
+    )
+    register_model(name)(factory)
 
 
-@register_model("airbench_net_mid")
-def airbench_net_mid(
-    num_classes: int = 10,
-    *,
-    norm: str = "batch",
-    groups: int = 8,
-    se: bool = False,
-    dropout: float = 0.0,
-    drop_path: float = 0.0,
-) -> nn.Module:
-    """airbench_net with conv groups of 96/320/320 (3.1M params), between airbench94 and 95.
-
-    Applies: norm, groups (with norm="group"). Ignored: se, dropout, drop_path.
-    """
-    return AirbenchNet(num_classes, norm, groups, MID_WIDTHS)
-
-
-@register_model("airbench_net_nano")
-def airbench_net_nano(
-    num_classes: int = 10,
-    *,
-    norm: str = "batch",
-    groups: int = 8,
-    se: bool = False,
-    dropout: float = 0.0,
-    drop_path: float = 0.0,
-) -> nn.Module:
-    """airbench_net with conv groups of 16/32/32 (~39k params): the same code paths at ~1/20
-    of the compute, for tests, smoke runs and debugging (not for accuracy).
-
-    Applies: norm, groups (with norm="group"). Ignored: se, dropout, drop_path.
-    """
-    return AirbenchNet(num_classes, norm, groups, NANO_WIDTHS)
+_register_widths(
+    "airbench_net",
+    WIDTHS,
+    "airbench94's net: 2x2 whitening stem (24 ch) + conv groups of 64/256/256 + max-pool head. "
+    "Call `fit_whitening(model.whiten, train_images)` before training to get airbench's init.",
+)
+_register_widths(
+    "airbench_net_wide", WIDE_WIDTHS, "airbench95's net: conv groups of 128/384/384 (4.6M params)."
+)
+_register_widths(
+    "airbench_net_mid",
+    MID_WIDTHS,
+    "airbench_net with conv groups of 96/320/320 (3.1M params), between airbench94 and 95.",
+)
+_register_widths(
+    "airbench_net_nano",
+    NANO_WIDTHS,
+    "airbench_net with conv groups of 16/32/32 (~39k params): the same code paths at ~1/20 of "
+    "the compute, for tests, smoke runs and debugging (not for accuracy).",
+)
 
 
 @torch.no_grad()
