@@ -10,6 +10,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -88,6 +89,31 @@ def _table(request: pytest.FixtureRequest) -> object:
             print("\n".join(lines), flush=True)
 
 
+@pytest.fixture(scope="module")
+def ray_session() -> object:
+    """One Ray runtime for every sweep config: `cifar-dist tune` joins a running Ray instead of
+    starting its own (tune/driver.py), which saves a process start and a ray.init per file. The
+    smoke environment is set before ray.init so the trial processes inherit it."""
+    import ray
+
+    saved = dict(os.environ)
+    os.environ.update(sm.ENV)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _run_sweep_in_process(argv: list[str]) -> int:
+    """`cifar-dist tune -c FILE ...` through the CLI's own main(), inside the Ray session (the
+    console entry point and a fresh process are tested in tests/test_tune.py)."""
+    from cifar_dist.cli import main
+
+    assert argv[1:4] == ["-m", "cifar_dist", "tune"], argv
+    return main(argv[3:])
+
+
 def _skip_without(launch: sm.Launch) -> None:
     need = {"deepspeed": "deepspeed", "tune": "ray"}.get(launch.kind)
     if need and importlib.util.find_spec(need) is None:
@@ -113,13 +139,19 @@ def _check_sweep(sweep_root: Path) -> None:
 @pytest.mark.distributed
 @pytest.mark.parametrize(("path", "launch"), CASES, ids=IDS)
 def test_config_runs_as_its_header_says(
-    path: Path, launch: sm.Launch, smoke_data: Path, tmp_path: Path
+    path: Path, launch: sm.Launch, smoke_data: Path, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     _skip_without(launch)
     if launch.kind == "tune":
-        args = sm.shorten_tune(path, smoke_data, tmp_path / "sweeps")
-    else:
-        args = sm.shorten_train(load_config(path), smoke_data, tmp_path, "run", launch.nproc)
+        request.getfixturevalue("ray_session")
+        argv, _ = sm.command(path, launch, sm.shorten_tune(path, smoke_data, tmp_path / "sweeps"))
+        t0 = time.monotonic()
+        assert _run_sweep_in_process(argv) == 0, " ".join(argv)
+        took = time.monotonic() - t0
+        _check_sweep(tmp_path / "sweeps")
+        RAN.append((str(path.relative_to(sm.CONFIGS)), launch.label, took))
+        return
+    args = sm.shorten_train(load_config(path), smoke_data, tmp_path, "run", launch.nproc)
     argv, env = sm.command(path, launch, args)
     t0 = time.monotonic()
     proc = sm.run(argv, env, timeout=240)
@@ -128,10 +160,7 @@ def test_config_runs_as_its_header_says(
         f"{' '.join(argv)}\n----- stdout -----\n{proc.stdout[-2000:]}\n"
         f"----- stderr -----\n{proc.stderr[-6000:]}"
     )
-    if launch.kind == "tune":
-        _check_sweep(tmp_path / "sweeps")
-    else:
-        _check_run(tmp_path / "run", launch)
+    _check_run(tmp_path / "run", launch)
     RAN.append((str(path.relative_to(sm.CONFIGS)), launch.label, took))
 
 
