@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -294,6 +295,36 @@ def test_amp_auto_resolves_by_device_and_is_recorded(
     over = tiny_overrides(synth_cifar10, tmp_path, **{"train.amp": "auto", "train.max_steps": 1})
     fit(load_config(None, over))
     assert load_config(tmp_path / "t" / "config.yaml").train.amp == expected
+
+
+def _resolve_amp_on_rank(rank: int, init: str, out: Any) -> None:
+    """Forked rank: only rank 0 claims native bf16; report what train.amp=auto becomes."""
+    import torch.distributed as dist
+
+    from cifar_dist.train import common
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    common.native_bf16 = lambda _device: rank == 0
+    cfg = common.resolve_amp(load_config(None, ["--train.amp=auto"]), torch.device("cpu"))
+    out.put((rank, cfg.train.amp))
+    dist.destroy_process_group()
+
+
+def test_amp_auto_is_agreed_by_all_ranks(tmp_path: Path) -> None:
+    """Two ranks, only one with native bf16: both resolve train.amp=auto to none (a job on
+    mixed nodes must not autocast on some ranks only)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # the children inherit the imports: no torch start-up each
+    out = ctx.Queue()
+    init = f"file://{tmp_path / 'store'}"
+    procs = [ctx.Process(target=_resolve_amp_on_rank, args=(r, init, out)) for r in (0, 1)]
+    for proc in procs:
+        proc.start()
+    got = dict(out.get(timeout=60) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=30)
+    assert got == {0: "none", 1: "none"}, got
 
 
 @pytest.mark.parametrize("loader", ["device", "ffcv"])

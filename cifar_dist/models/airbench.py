@@ -115,7 +115,7 @@ _register_widths(
 _register_widths(
     "airbench_net_mid",
     MID_WIDTHS,
-    "airbench_net with conv groups of 96/320/320 (3.1M params), between airbench94 and 95.",
+    "airbench_net with conv groups of 96/320/320 (3.15M params), between airbench94 and 95.",
 )
 _register_widths(
     "airbench_net_nano",

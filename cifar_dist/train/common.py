@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from cifar_dist.config.schema import Config, ConfigError
@@ -25,13 +26,27 @@ def native_bf16(device: torch.device) -> bool:
         return False
 
 
+def native_bf16_on_every_rank(device: torch.device) -> bool:
+    """native_bf16 agreed by all ranks (a job across mixed nodes, e.g. an A100 and a V100, must
+    not autocast on some ranks only: DeepSpeed's config and the per-rank numerics would differ).
+    Every rank calls this at the same point (resolve_amp runs on the same config everywhere)."""
+    native = native_bf16(device)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return native
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([int(native)], device=where)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def resolve_amp(cfg: Config, device: torch.device) -> Config:
-    """`cfg` with train.amp=auto replaced by what this device runs: bf16 where it is native
-    (and the run is float32), else none. Runs record the resolved value in config.yaml."""
+    """`cfg` with train.amp=auto replaced by what every rank's device runs: bf16 where it is
+    native on all of them (and the run is float32), else none. Runs record the resolved value in
+    config.yaml."""
     if cfg.train.amp != "auto":
         return cfg
-    amp = "bf16" if cfg.train.dtype == "float32" and native_bf16(device) else "none"
-    return replace(cfg, train=replace(cfg.train, amp=amp))
+    native = cfg.train.dtype == "float32" and native_bf16_on_every_rank(device)
+    return replace(cfg, train=replace(cfg.train, amp="bf16" if native else "none"))
 
 
 class NonFiniteError(RuntimeError):
