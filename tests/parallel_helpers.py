@@ -13,7 +13,8 @@ from cifar_dist.config import load_config
 from cifar_dist.train.checkpoint import load_checkpoint
 from cifar_dist.train.fit import fit
 from tests.conftest import tiny_overrides
-from tests.test_distributed import cli_args, run_torchrun
+from tests.forked_ranks import run_forked
+from tests.test_distributed import ENV, cli_args, run_torchrun
 
 STEPS = 10
 # The CNN runs clip (the norm must be global for the clip to agree) and use channels_last.
@@ -75,10 +76,11 @@ class Runs:
             self.done[name] = self.root / name
         return self.done[name]
 
-    def torchrun(self, nproc: int, name: str, model: str, **extra: object) -> Path:
+    def ranks(self, nproc: int, name: str, model: str, **extra: object) -> Path:
+        """`cifar-dist train` on `nproc` forked ranks (tests/forked_ranks.py), once per name."""
         if name not in self.done:
             over = overrides(self.data, self.root, name, model, **extra)
-            proc = run_torchrun(nproc, "train", *cli_args(over), timeout=300)
+            proc = run_forked(nproc, "train", *cli_args(over), env=ENV, timeout=300)
             assert proc.returncode == 0, proc.stderr[-4000:]
             self.done[name] = self.root / name
         return self.done[name]
@@ -87,10 +89,10 @@ class Runs:
         """A run stopped after `stop_at` steps (mid-epoch) and resumed from its checkpoint to
         STEPS: its curve and final weights are then compared as an uninterrupted run's."""
         if name not in self.done:
-            self.torchrun(nproc, name, model, **extra, **{"train.max_steps": stop_at})
+            self.ranks(nproc, name, model, **extra, **{"train.max_steps": stop_at})
             resume = {**extra, "train.resume": "auto"}
             over = overrides(self.data, self.root, name, model, **resume)
-            proc = run_torchrun(nproc, "train", *cli_args(over), timeout=300)
+            proc = run_forked(nproc, "train", *cli_args(over), env=ENV, timeout=300)
             assert proc.returncode == 0, proc.stderr[-4000:]
             assert f"resumed at epoch 1, step {stop_at}" in proc.stdout + proc.stderr
         return self.done[name]

@@ -1,5 +1,5 @@
 """Channel-split CNN tensor parallelism: placements, per-rank parameters and FLOPs, and two
-gloo ranks against one process (in-process spawn, small images, float64)."""
+gloo ranks against one process (forked from the test process, small images, float64)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ from cifar_dist.models import create_model
 from cifar_dist.parallel.tensor import check_tp
 from cifar_dist.train.checkpoint import load_checkpoint
 from tests.conftest import leave_spawned_worker
+from tests.forked_ranks import run_forked
 from tests.parallel_helpers import (
     CNN,
     Runs,
     overrides,
     runs_fixture,  # noqa: F401  (the `runs` fixture)
 )
-from tests.test_distributed import cli_args, run_torchrun
+from tests.test_distributed import ENV, cli_args
 
 TP = 2
 STEPS = 3
@@ -145,7 +146,7 @@ def test_cnn_tp2_splits_channels_and_matches_single(model_name: str, norm: str) 
     """Split conv weights are Shard(0)/Shard(1) DTensors of 1/tp the channels, their per-rank
     parameters and FLOPs are 1/tp, and 2 gloo ranks train like one process."""
     ctx = mp.start_processes(
-        _worker, args=(_free_port(), model_name, norm), nprocs=TP, join=False, start_method="spawn"
+        _worker, args=(_free_port(), model_name, norm), nprocs=TP, join=False, start_method="fork"
     )
     deadline = time.monotonic() + 180
     # join returns False while a rank is still running (it wakes when any one exits).
@@ -174,11 +175,11 @@ def test_dp2_tp2_cnn_resumes_to_single_process_weights(runs: Runs) -> None:
     clip = {"train.clip_norm": CNN["train.clip_norm"]}
     single = runs.single("airbench_net_nano", **clip)
     extra = {**clip, "parallel.tp": 2, "parallel.dp": 2, "train.channels_last": True}
-    runs.torchrun(4, "dp2tp2_cnn", "airbench_net_nano", **extra, **{"train.max_steps": 5})
+    runs.ranks(4, "dp2tp2_cnn", "airbench_net_nano", **extra, **{"train.max_steps": 5})
     over = overrides(
         runs.data, runs.root, "dp2tp2_cnn", "airbench_net_nano", **extra, **{"train.resume": "auto"}
     )
-    proc = run_torchrun(4, "train", *cli_args(over), timeout=300)
+    proc = run_forked(4, "train", *cli_args(over), timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed at epoch 1, step 5" in proc.stdout + proc.stderr
     wa = load_checkpoint(single / "checkpoints/last.pt")["model"]

@@ -22,6 +22,7 @@ from cifar_dist.models import create_model
 from cifar_dist.train.checkpoint import load_checkpoint
 from cifar_dist.train.fit import fit
 from tests.conftest import tiny_overrides
+from tests.forked_ranks import run_forked
 from tests.test_distributed import ENV, cli_args, run_deepspeed_script, run_torchrun, step_losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def runs(synth_cifar10: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ddp_run(synth_cifar10: Path, runs: Path) -> Path:
     over = _over(synth_cifar10, runs, "ddp", **ZERO_RUN, **EMA)
-    _check(run_torchrun(2, "train", *cli_args(over)))
+    _check(run_forked(2, "train", *cli_args(over), env=ENV))
     return runs / "ddp"
 
 
@@ -100,7 +101,7 @@ def zero1_run(synth_cifar10: Path, runs: Path) -> Path:
 def zero2_run(synth_cifar10: Path, runs: Path) -> Path:
     """ZeRO-2 under torchrun, checkpointing every 5 steps (the resume test restarts at 5)."""
     extra = {**ZERO_RUN, **EMA, **DS, "deepspeed.zero_stage": 2, "train.ckpt_every_steps": 5}
-    _check(run_torchrun(2, "train", *cli_args(_over(synth_cifar10, runs, "zero2", **extra))))
+    _check(run_forked(2, "train", *cli_args(_over(synth_cifar10, runs, "zero2", **extra)), env=ENV))
     return runs / "zero2"
 
 
@@ -147,7 +148,9 @@ def test_zero2_resume_continues_the_same_curve(
     assert (resumed / "checkpoints/step_00000005").is_dir()
     (resumed / "checkpoints/latest").write_text("step_00000005")
     extra = {**ZERO_RUN, **EMA, **DS, "deepspeed.zero_stage": 2, "train.resume": "auto"}
-    proc = run_torchrun(2, "train", *cli_args(_over(synth_cifar10, runs, resumed.name, **extra)))
+    proc = run_forked(
+        2, "train", *cli_args(_over(synth_cifar10, runs, resumed.name, **extra)), env=ENV
+    )
     _check(proc)
     assert "resumed at epoch 1, step 5" in proc.stdout + proc.stderr
     after = [json.loads(x) for x in (resumed / "steps.jsonl").read_text().splitlines()]
@@ -205,7 +208,7 @@ def test_zero_1_2_3_split_the_optimizer_state_across_ranks(
     checkpoint shards and in parallel.json; ZeRO-3 also holds ~1/2 of the parameters."""
     extra = {**ZERO_RUN, **DS, "deepspeed.zero_stage": 3, "train.max_steps": 2}
     over = _over(synth_cifar10, runs, "zero3", **{**extra, "train.ckpt_every_steps": 2})
-    _check(run_torchrun(2, "train", *cli_args(over), timeout=240))
+    _check(run_forked(2, "train", *cli_args(over), timeout=240, env=ENV))
     params = sum(p.numel() for p in create_model("vit_nano").parameters())
     for step in (
         zero1_run / "checkpoints/step_00000010",
@@ -329,7 +332,7 @@ def test_pipeline_two_stages_matches_single_process(
     against one process taking the same 2 micro-batches per step: the same computation."""
     fit(load_config(None, _over(synth_cifar10, runs, "single", **PIPE_RUN)))
     extra = {**PIPE_RUN, **DS, "parallel.pp": 2, "deepspeed.zero_stage": 1}
-    _check(run_torchrun(2, "train", *cli_args(_over(synth_cifar10, runs, "pipe", **extra))))
+    _check(run_forked(2, "train", *cli_args(_over(synth_cifar10, runs, "pipe", **extra)), env=ENV))
     a, b = step_losses(runs / "single"), step_losses(runs / "pipe")
     assert len(a) == len(b) == 10
     # No clipping here (see LOSS_TOL), so both sides apply the same averaged gradients; the

@@ -17,6 +17,7 @@ from cifar_dist.config import load_config
 from cifar_dist.train.checkpoint import load_checkpoint, step_checkpoints
 from cifar_dist.train.fit import fit
 from tests.conftest import tiny_overrides
+from tests.forked_ranks import run_forked
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,10 +134,11 @@ def test_ddp_matches_single_process(
             None, _base(synth_cifar10, tmp_path, "single", **{"model.norm": single_norm, **common})
         )
     )
-    proc = run_torchrun(
+    proc = run_forked(
         2,
         "train",
         *cli_args(_base(synth_cifar10, tmp_path, "ddp", **{"model.norm": ddp_norm, **common})),
+        env=ENV,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_run(tmp_path / "single", tmp_path / "ddp")

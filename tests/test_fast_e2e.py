@@ -146,7 +146,8 @@ def test_lr_find_cli_writes_plot_and_suggestion(synth_cifar10: Path, tmp_path: P
 def test_fast_trainer_ddp_matches_single_process(synth_cifar10: Path, tmp_path: Path) -> None:
     """Whitening stem, bias freeze, Lookahead, per-1024 units, dirac, bias-only norms: 2 gloo
     ranks x 16 == 1 process x 32 (float64, cross-rank BatchNorm; TTA eval sharded)."""
-    from tests.test_distributed import cli_args, run_torchrun, step_losses, weights
+    from tests.forked_ranks import run_forked
+    from tests.test_distributed import ENV, cli_args, step_losses, weights
 
     def over(name: str, norm: str) -> dict[str, object]:
         return tiny_overrides(
@@ -179,7 +180,7 @@ def test_fast_trainer_ddp_matches_single_process(synth_cifar10: Path, tmp_path: 
         )
 
     single = fit(load_config(None, over("single", "batch")))
-    proc = run_torchrun(2, "train", *cli_args(over("ddp", "sync_batch")), timeout=300)
+    proc = run_forked(2, "train", *cli_args(over("ddp", "sync_batch")), timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # Logged losses come from a float32 cross-entropy (trainer._loss), weights stay float64.
     a, b = step_losses(tmp_path / "single"), step_losses(tmp_path / "ddp")

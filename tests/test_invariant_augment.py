@@ -9,7 +9,8 @@ import pytest
 
 from cifar_dist.config import load_config
 from cifar_dist.train.fit import fit
-from tests.test_distributed import _base, assert_same_run, cli_args, run_torchrun
+from tests.forked_ranks import run_forked
+from tests.test_distributed import ENV, _base, assert_same_run, cli_args
 
 pytestmark = pytest.mark.distributed
 
@@ -23,8 +24,8 @@ def test_augmented_batches_equal_on_one_and_two_ranks(
 ) -> None:
     common = {"model.norm": "group", "train.dtype": "float64", "data.loader": loader}
     fit(load_config(None, _base(synth_cifar10, tmp_path, "single", **common)))
-    proc = run_torchrun(
-        2, "train", *cli_args(_base(synth_cifar10, tmp_path, "ddp", **common)), timeout=240
+    proc = run_forked(
+        2, "train", *cli_args(_base(synth_cifar10, tmp_path, "ddp", **common)), env=ENV, timeout=240
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_run(tmp_path / "single", tmp_path / "ddp")

@@ -47,7 +47,7 @@ def test_single_process_holds_the_whole_model(runs: Runs) -> None:
 
 @pytest.mark.distributed
 def test_cnn_tp2_ranks_each_hold_half_of_the_split_layers(runs: Runs) -> None:
-    run = runs.torchrun(2, "tp2_cnn", "airbench_net_nano", **CNN, **{"parallel.tp": 2})
+    run = runs.ranks(2, "tp2_cnn", "airbench_net_nano", **CNN, **{"parallel.tp": 2})
     rep = report(run)
     a, b = rep["ranks"]
     assert (a["tp"], b["tp"]) == (0, 1)
@@ -65,7 +65,7 @@ def test_cnn_tp2_ranks_each_hold_half_of_the_split_layers(runs: Runs) -> None:
 @pytest.mark.distributed
 def test_pp2_stage_flop_shares_match_the_plan(runs: Runs) -> None:
     model_name, extra = CASES["airbench_net-1f1b"]
-    run = runs.torchrun(2, "airbench_net-1f1b", model_name, **PP2, **extra)
+    run = runs.ranks(2, "airbench_net-1f1b", model_name, **PP2, **extra)
     rep = report(run)
     model = create_model(model_name, norm="group").double()
     flops = pipeline.layer_flops(model, torch.zeros(1, 3, 32, 32, dtype=torch.float64))

@@ -1,4 +1,4 @@
-"""Pipeline parallelism on CPU: 2 (and 4) gloo ranks under torchrun against single-process runs."""
+"""Pipeline parallelism on CPU: 2 (and 4) gloo ranks (forked, tests/forked_ranks.py) against single-process runs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from cifar_dist.config.schema import ConfigError
 from cifar_dist.models import create_model
 from cifar_dist.parallel import pipeline
 from cifar_dist.train.checkpoint import load_checkpoint
+from tests.forked_ranks import run_forked
 from tests.parallel_helpers import (
     CNN,
     STEPS,
@@ -23,7 +24,7 @@ from tests.parallel_helpers import (
     overrides,
     runs_fixture,  # noqa: F401  (the `runs` fixture)
 )
-from tests.test_distributed import cli_args, run_torchrun
+from tests.test_distributed import ENV, cli_args
 
 pytestmark = pytest.mark.distributed
 
@@ -48,14 +49,14 @@ def test_pp2_matches_single_process(runs: Runs, case: str) -> None:
     """2 stages x 4 micro-batches == 1 process, same global batch of 16, for 10 steps."""
     model, extra = CASES[case]
     single = runs.single(model, **{k: v for k, v in extra.items() if k.startswith("train.")})
-    assert_same_run(single, runs.torchrun(2, case, model, **PP2, **extra))
+    assert_same_run(single, runs.ranks(2, case, model, **PP2, **extra))
 
 
 def test_dp2_pp2_matches_single_process(runs: Runs) -> None:
     """4 ranks: 2 data-parallel replicas (DDP over the dp group) of a 2-stage 1F1B pipeline."""
     single = runs.single("vit_nano")
     extra = {**PP2, "parallel.microbatches": 2, "parallel.pp_schedule": "1f1b"}
-    assert_same_run(single, runs.torchrun(4, "dp2pp2", "vit_nano", **extra))
+    assert_same_run(single, runs.ranks(4, "dp2pp2", "vit_nano", **extra))
 
 
 def test_pp_checkpoint_evaluates_in_single_process(runs: Runs) -> None:
@@ -63,7 +64,7 @@ def test_pp_checkpoint_evaluates_in_single_process(runs: Runs) -> None:
     the pipeline computed at the end of training."""
     from cifar_dist.train.eval_checkpoint import evaluate_checkpoint
 
-    run = runs.torchrun(2, "vit_nano-gpipe", "vit_nano", **PP2, **CASES["vit_nano-gpipe"][1])
+    run = runs.ranks(2, "vit_nano-gpipe", "vit_nano", **PP2, **CASES["vit_nano-gpipe"][1])
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "last.pt",
         "pp0",
@@ -81,11 +82,11 @@ def test_pp_checkpoint_evaluates_in_single_process(runs: Runs) -> None:
 
 def test_pp_resume_is_bit_identical(runs: Runs) -> None:
     """5 steps, stop, resume from the manifest + shards: the weights of an uninterrupted run."""
-    whole = runs.torchrun(2, "vit_nano-gpipe", "vit_nano", **PP2, **CASES["vit_nano-gpipe"][1])
+    whole = runs.ranks(2, "vit_nano-gpipe", "vit_nano", **PP2, **CASES["vit_nano-gpipe"][1])
     extra = {**PP2, **CASES["vit_nano-gpipe"][1]}
-    runs.torchrun(2, "split", "vit_nano", **extra, **{"train.max_steps": 5})
+    runs.ranks(2, "split", "vit_nano", **extra, **{"train.max_steps": 5})
     over = overrides(runs.data, runs.root, "split", "vit_nano", **extra, **{"train.resume": "auto"})
-    proc = run_torchrun(2, "train", *cli_args(over), timeout=300)
+    proc = run_forked(2, "train", *cli_args(over), timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed at epoch 1, step 5" in proc.stdout + proc.stderr
     wa = load_checkpoint(whole / "checkpoints/last.pt")["model"]

@@ -61,7 +61,7 @@ def test_recipe_callbacks_match_single_process(
     # dp2 x pp2 writes the pipeline's shard format that pp2 (and tp2 x pp2 below) resume from:
     # it runs straight through (4 ranks on 2 cores: a restart costs the most there).
     if name == "dp2xpp2":
-        other = runs.torchrun(nproc, f"recipe_{name}", "airbench_net_nano", **RECIPE, **layout)
+        other = runs.ranks(nproc, f"recipe_{name}", "airbench_net_nano", **RECIPE, **layout)
     else:
         other = runs.resumed(nproc, f"recipe_{name}", "airbench_net_nano", 5, **RECIPE, **layout)
     assert_same_run(single, other)  # per-step loss and grad norm, final (Lookahead) weights

@@ -95,6 +95,7 @@ def _naive_out_error(rank: int) -> float:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         results = {str(dt): _case(dt, rank) for dt in (torch.float32, torch.bfloat16)}
@@ -108,7 +109,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("syncbn")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    # fork: the ranks inherit the imports (no torch start-up each); _worker sets one thread.
+    mp.start_processes(
+        _worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True, start_method="fork"
+    )
     return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
 
 

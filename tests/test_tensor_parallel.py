@@ -1,4 +1,4 @@
-"""Tensor parallelism (DTensor) on CPU: 2 and 4 gloo ranks under torchrun against one process."""
+"""Tensor parallelism (DTensor) on CPU: 2 and 4 gloo ranks (forked) against one process."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_tp2_vit_matches_single_process(runs: Runs, sequence_parallel: bool) -> 
     single = runs.single("vit_nano")
     extra = {"parallel.tp": 2, "parallel.sequence_parallel": sequence_parallel}
     name = f"tp2_sp{int(sequence_parallel)}"
-    assert_same_run(single, runs.torchrun(2, name, "vit_nano", **extra))
+    assert_same_run(single, runs.ranks(2, name, "vit_nano", **extra))
 
 
 def test_dp2_tp2_vit_matches_single_process(runs: Runs) -> None:
@@ -35,14 +35,14 @@ def test_dp2_tp2_vit_matches_single_process(runs: Runs) -> None:
     gradient norm spans the 2-D (dp, tp) shards."""
     single = runs.single("vit_nano", **{"train.clip_norm": 0.5})
     extra = {"parallel.tp": 2, "parallel.dp": 2, "train.clip_norm": 0.5}
-    assert_same_run(single, runs.torchrun(4, "dp2tp2", "vit_nano", **extra))
+    assert_same_run(single, runs.ranks(4, "dp2tp2", "vit_nano", **extra))
 
 
 def test_tp2_cnn_classifier_matches_single_process(runs: Runs) -> None:
     """The CNN plan (channel-split conv pairs, row-wise parallel classifier)."""
     single = runs.single("airbench_net_nano", **CNN)  # shared with the pipeline tests
     assert_same_run(
-        single, runs.torchrun(2, "tp2_cnn", "airbench_net_nano", **CNN, **{"parallel.tp": 2})
+        single, runs.ranks(2, "tp2_cnn", "airbench_net_nano", **CNN, **{"parallel.tp": 2})
     )
 
 
