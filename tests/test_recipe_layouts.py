@@ -1,7 +1,7 @@
 """Recipe callbacks (whitening stem + bias freeze, EMA, Lookahead) under tensor and pipeline
 parallelism, which refused them before, and FSDP2 (which the old recipe trainer silently left
-without full-state checkpoints): 2 gloo ranks against one process with the same options, the
-runs stopped mid-epoch and resumed from their checkpoints. The compile column:
+without full-state checkpoints): 2 and 4 gloo ranks (dp x pp, dp x tp, tp x pp) against one
+process with the same options, most runs stopped mid-epoch and resumed from their checkpoints. The compile column:
 test_compile_layouts.py."""
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ def _ema(run: Path) -> dict[str, torch.Tensor]:
         ("pp2", 2, {"parallel.pp": 2}),
         ("fsdp2", 2, {"parallel.dp_mode": "fsdp"}),
         ("dp2xpp2", 4, {"parallel.pp": 2}),  # DDP over 2 replicas of a 2-stage pipeline
+        ("dp2xtp2", 4, {"parallel.tp": 2, "parallel.dp": 2}),  # 2 replicas of a tp2 split
     ],
-    ids=["tp2", "pp2", "fsdp2", "dp2xpp2"],
+    ids=["tp2", "pp2", "fsdp2", "dp2xpp2", "dp2xtp2"],
 )
 def test_recipe_callbacks_match_single_process(
     runs: Runs, name: str, nproc: int, layout: dict[str, object]
@@ -60,7 +61,7 @@ def test_recipe_callbacks_match_single_process(
     # and resumed: weights, optimiser, EMA and Lookahead state go through the checkpoint.
     # dp2 x pp2 writes the pipeline's shard format that pp2 (and tp2 x pp2 below) resume from:
     # it runs straight through (4 ranks on 2 cores: a restart costs the most there).
-    if name == "dp2xpp2":
+    if name in ("dp2xpp2", "dp2xtp2"):
         other = runs.ranks(nproc, f"recipe_{name}", "airbench_net_nano", **RECIPE, **layout)
     else:
         other = runs.resumed(nproc, f"recipe_{name}", "airbench_net_nano", 5, **RECIPE, **layout)
@@ -83,6 +84,11 @@ def test_recipe_callbacks_match_single_process(
         assert rep["mesh"]["dp_mode"] == "fsdp" and replicated == r1["local"] - r1["sharded_local"]
         assert replicated + r0["sharded_local"] + r1["sharded_local"] == rep["params_total"]
         assert max(r0["local"], r1["local"]) < 0.6 * rep["params_total"]
+    if name == "dp2xtp2":  # FSDP2 over dp of the tp-split convs: each rank holds ~1/4
+        rep = json.loads((other / "parallel.json").read_text())
+        assert rep["mesh"]["dp"] == rep["mesh"]["tp"] == 2 and rep["mesh"]["dp_mode"] == "fsdp"
+        assert [(r["dp"], r["tp"]) for r in rep["ranks"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert max(r["local"] for r in rep["ranks"]) < 0.3 * rep["params_total"], rep["ranks"]
 
 
 def test_deepspeed_refusals_say_why() -> None:
