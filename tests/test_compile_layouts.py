@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.forked_ranks import run_forked
 from tests.parallel_helpers import (
     Runs,
     assert_same_run,
     overrides,
     runs_fixture,  # noqa: F401  (the `runs` fixture)
 )
-from tests.test_distributed import cli_args, run_torchrun
+from tests.test_distributed import ENV, cli_args, run_torchrun
 from tests.test_recipe_layouts import RECIPE, _ema
 
 
@@ -34,6 +35,28 @@ def test_ddp_compiled_with_recipe_callbacks_matches_eager_single_process(runs: R
     assert any(cache.rglob("*.py")), "no inductor output: the model was not compiled"
     assert_same_run(single, runs.root / "recipe_ddp_compile")
     a, b = _ema(single), _ema(runs.root / "recipe_ddp_compile")
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], atol=1e-8, rtol=0, msg=k)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_tp2_compiled_with_recipe_callbacks_matches_eager_single_process(runs: Runs) -> None:
+    """The compile column for tensor parallelism: torch.compile over the DTensor-sharded net
+    (tp2, channel-split convs) with the whitening stem, EMA and Lookahead, against the eager
+    single process. Ranks forked (tests/forked_ranks.py); the DDP test above keeps torchrun."""
+    single = runs.single("airbench_net_nano", **RECIPE)
+    cache = runs.root / "inductor_cache_tp2"
+    name = "recipe_tp2_compile"
+    over = overrides(runs.data, runs.root, name, "airbench_net_nano", **RECIPE)
+    over.update({"train.compile": True, "parallel.tp": 2})
+    env = {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    proc = run_forked(2, "train", *cli_args(over), env=env, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert any(cache.rglob("*.py")), "no inductor output: the model was not compiled"
+    assert_same_run(single, runs.root / name)
+    a, b = _ema(single), _ema(runs.root / name)
     for k in a:
         if a[k].is_floating_point():
             torch.testing.assert_close(a[k], b[k], atol=1e-8, rtol=0, msg=k)
