@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -73,7 +73,7 @@ def run_forked(
 ) -> subprocess.CompletedProcess:
     """Run `cifar-dist ARGV` on `nproc` forked ranks; stdout holds every rank's output, rank by
     rank, prefixed `[rankN]:` as torchrun's --tee does; returncode is the first non-zero one."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         logs = [Path(tmp) / f"rank{r}.log" for r in range(nproc)]
         sys.stdout.flush()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import time
 
 import pytest
@@ -21,7 +20,7 @@ from cifar_dist.models import create_model
 from cifar_dist.parallel.tensor import check_tp
 from cifar_dist.train.checkpoint import load_checkpoint
 from tests.conftest import leave_spawned_worker
-from tests.forked_ranks import run_forked
+from tests.forked_ranks import free_port, run_forked
 from tests.parallel_helpers import (
     CNN,
     Runs,
@@ -131,12 +130,6 @@ def _compare_steps(single: nn.Module, tp_model: nn.Module, gen: torch.Generator)
         torch.testing.assert_close(w.to(v.dtype), v, atol=1e-6, rtol=0, msg=k)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize(
     ("model_name", "norm"),
@@ -146,7 +139,7 @@ def test_cnn_tp2_splits_channels_and_matches_single(model_name: str, norm: str) 
     """Split conv weights are Shard(0)/Shard(1) DTensors of 1/tp the channels, their per-rank
     parameters and FLOPs are 1/tp, and 2 gloo ranks train like one process."""
     ctx = mp.start_processes(
-        _worker, args=(_free_port(), model_name, norm), nprocs=TP, join=False, start_method="fork"
+        _worker, args=(free_port(), model_name, norm), nprocs=TP, join=False, start_method="fork"
     )
     deadline = time.monotonic() + 180
     # join returns False while a rank is still running (it wakes when any one exits).
