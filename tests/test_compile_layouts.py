@@ -42,21 +42,29 @@ def test_ddp_compiled_with_recipe_callbacks_matches_eager_single_process(runs: R
 
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
-def test_tp2_compiled_with_recipe_callbacks_matches_eager_single_process(runs: Runs) -> None:
-    """The compile column for tensor parallelism: torch.compile over the DTensor-sharded net
-    (tp2, channel-split convs) with the whitening stem, EMA and Lookahead, against the eager
-    single process. Ranks forked (tests/forked_ranks.py); the DDP test above keeps torchrun."""
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [("tp2", {"parallel.tp": 2}), ("fsdp2", {"parallel.dp_mode": "fsdp"})],
+    ids=["tp2", "fsdp2"],
+)
+def test_sharded_compiled_with_recipe_callbacks_matches_eager_single_process(
+    runs: Runs, name: str, layout: dict[str, object]
+) -> None:
+    """The compile column for the sharded layouts: torch.compile over the DTensor net (tp2:
+    channel-split convs; fsdp2: parameters sharded over dp) with the whitening stem, EMA and
+    Lookahead, against the eager single process. Ranks forked (tests/forked_ranks.py); the DDP
+    test above keeps torchrun."""
     single = runs.single("airbench_net_nano", **RECIPE)
-    cache = runs.root / "inductor_cache_tp2"
-    name = "recipe_tp2_compile"
-    over = overrides(runs.data, runs.root, name, "airbench_net_nano", **RECIPE)
-    over.update({"train.compile": True, "parallel.tp": 2})
+    cache = runs.root / f"inductor_cache_{name}"
+    run = f"recipe_{name}_compile"
+    over = overrides(runs.data, runs.root, run, "airbench_net_nano", **RECIPE, **layout)
+    over["train.compile"] = True
     env = {**ENV, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     proc = run_forked(2, "train", *cli_args(over), env=env, timeout=540)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert any(cache.rglob("*.py")), "no inductor output: the model was not compiled"
-    assert_same_run(single, runs.root / name)
-    a, b = _ema(single), _ema(runs.root / name)
+    assert_same_run(single, runs.root / run)
+    a, b = _ema(single), _ema(runs.root / run)
     for k in a:
         if a[k].is_floating_point():
             torch.testing.assert_close(a[k], b[k], atol=1e-8, rtol=0, msg=k)
