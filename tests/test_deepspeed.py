@@ -65,7 +65,7 @@ def _check(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n----- stderr -----\n{proc.stderr[-6000:]}"
 
 
-# --- ZeRO-1/2 against DDP -----------------------------------------------------------------
+# --- ZeRO-0/1/2 against DDP -----------------------------------------------------------------
 # The ViT with clipping on (grad norms 2.5-10, clip 1.0: every step is clipped), so the
 # comparison also covers gradient clipping through DeepSpeed's config.
 ZERO_RUN = {"model.name": "vit_nano", "train.clip_norm": 1.0}
@@ -98,8 +98,17 @@ def zero1_run(synth_cifar10: Path, runs: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def zero0_run(synth_cifar10: Path, runs: Path) -> Path:
+    """The DeepSpeed engine without ZeRO partitioning (stage 0), on forked ranks."""
+    extra = {**ZERO_RUN, **EMA, **DS, "deepspeed.zero_stage": 0}
+    _check(run_forked(2, "train", *cli_args(_over(synth_cifar10, runs, "zero0", **extra)), env=ENV))
+    return runs / "zero0"
+
+
+@pytest.fixture(scope="module")
 def zero2_run(synth_cifar10: Path, runs: Path) -> Path:
-    """ZeRO-2 under torchrun, checkpointing every 5 steps (the resume test restarts at 5)."""
+    """ZeRO-2 on forked ranks (torchrun's environment), checkpointing every 5 steps (the resume
+    test restarts at 5)."""
     extra = {**ZERO_RUN, **EMA, **DS, "deepspeed.zero_stage": 2, "train.ckpt_every_steps": 5}
     _check(run_forked(2, "train", *cli_args(_over(synth_cifar10, runs, "zero2", **extra)), env=ENV))
     return runs / "zero2"
@@ -120,7 +129,7 @@ NORM_RTOL = 1e-4  # the logged pre-clip norms: float32 vs float64 accumulation (
 
 
 @needs_ds
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_zero_matches_ddp(request: pytest.FixtureRequest, ddp_run: Path, stage: int) -> None:
     zero = request.getfixturevalue(f"zero{stage}_run")
     a, b = step_losses(ddp_run), step_losses(zero)
@@ -171,7 +180,7 @@ def _ema(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @needs_ds
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_zero_ema_matches_ddp(request: pytest.FixtureRequest, ddp_run: Path, stage: int) -> None:
     """EMA with ZeRO: every rank averages the whole updated module after each applied step,
     in float32; the average equals DDP's (same tolerance reasoning as the losses) and the run

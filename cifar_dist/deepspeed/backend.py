@@ -36,6 +36,11 @@ from cifar_dist.utils.dist import all_reduce_sum, barrier
 
 
 class DeepSpeedBackend(Backend):
+    # Whether forward_backward can take the gradient norm before engine.step() clips it (stage
+    # 0 only). The pipeline engine all-reduces, clips and steps inside train_batch(): there only
+    # the optimiser's step pre-hook sees the gradients, already clipped.
+    norm_before_clip = True
+
     # ----- set-up ------------------------------------------------------------------------------
     def prepare(self) -> None:
         t = self.trainer
@@ -82,9 +87,12 @@ class DeepSpeedBackend(Backend):
         t.dtype = next(self.engine.module.parameters()).dtype  # bf16 weights under bf16
         self._ds_skipped = 0
         self._local_norm_sq: float | None = None
-        if self.engine.optimizer is t.optimizer:
-            # Stage 0 in fp32: DeepSpeed steps our optimiser directly and keeps no grad norm.
-            t.optimizer.register_step_pre_hook(self._record_grad_norm)
+        # Stage 0 in fp32: DeepSpeed steps our optimiser directly and keeps no grad norm, so we
+        # take it ourselves between the boundary's backward (gradients all-reduced there) and
+        # engine.step() (which clips them): the pre-clip norm, as ZeRO and DDP report it.
+        self._own_norm = self.engine.optimizer is t.optimizer
+        if self._own_norm and not self.norm_before_clip:
+            t.optimizer.register_step_pre_hook(lambda opt, *_: self._record_grad_norm(opt))
         if t.info.is_main:
             write_ds_config(self.ds_config, t.run_dir / "ds_config.json")
 
@@ -109,11 +117,13 @@ class DeepSpeedBackend(Backend):
             logits = self.engine(images)
             loss = t.loss(logits, labels)
             self.engine.backward(loss)
+            if self._own_norm and self.engine.is_gradient_accumulation_boundary():
+                self._record_grad_norm(t.optimizer)
             self.engine.step()  # updates only at the accumulation boundary
             out.add(float(loss.detach()), t.correct(logits, labels), len(labels))
         return out
 
-    def _record_grad_norm(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    def _record_grad_norm(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         self._local_norm_sq = float(torch.nn.utils.get_total_norm(grads)) ** 2 if grads else 0.0
 
@@ -125,7 +135,7 @@ class DeepSpeedBackend(Backend):
         if self._local_norm_sq is None:
             return None
         # Every data-parallel replica holds the same (averaged) gradients of its own stage, so
-        # the world-wide sum counts each stage's share dp times. Stage 0 only, after clipping.
+        # the world-wide sum counts each stage's share dp times. Stage 0 only.
         t = self.trainer
         return math.sqrt(all_reduce_sum(self._local_norm_sq, t.device) / t.dims.dp)
 

@@ -28,6 +28,7 @@ class DeepSpeedPipeBackend(DeepSpeedBackend):
     # torchmetrics' world-wide sync counts every sample pp times, which leaves every ratio
     # (accuracy, precision, recall, F1, mean loss) unchanged; the confusion counts are / pp.
     eval_copies = 1
+    norm_before_clip = False  # see DeepSpeedBackend: train_batch() clips before we can look
 
     @staticmethod
     def data_rank(rank: int, dims: ParallelDims) -> int:
