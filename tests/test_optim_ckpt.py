@@ -95,11 +95,22 @@ def test_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
     save_checkpoint(_state(1), tmp_path, 1)
     data = (tmp_path / "step_00000001.pt").read_bytes()
     (tmp_path / "bad.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match=r"unreadable \(truncated or corrupt: ") as e:
         load_checkpoint(tmp_path / "bad.pt")
+    assert "\n" not in str(e.value) and len(str(e.value)) < 250, str(e.value)
+    (tmp_path / "text.pt").write_text("not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"unreadable \(not a torch checkpoint, or a corrupt"):
+        load_checkpoint(tmp_path / "text.pt")
 
 
 def test_pickled_code_is_refused_by_weights_only(tmp_path: Path) -> None:
+    """One line naming the refused object, without torch's advice to load unsafely."""
     torch.save({"model": {}, "evil": math.floor}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError) as e:
         load_checkpoint(tmp_path / "evil.pt")
+    msg = str(e.value)
+    assert msg.endswith(
+        "unreadable (holds a Python object weights_only=True refuses: "
+        "Unsupported global: GLOBAL math.floor)"
+    ), msg
+    assert "\n" not in msg and "weights_only` set to `False`" not in msg

@@ -90,9 +90,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for corrupt/truncated files
-        raise CheckpointError(
-            f"checkpoint {path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-        ) from None
+        raise CheckpointError(f"checkpoint {path}: unreadable ({_why_unreadable(e)})") from None
     if isinstance(state, dict) and "shards" in state and "model" not in state:
         state = _merge_shards(Path(path).parent, state, map_location)
     if not isinstance(state, dict) or "model" not in state:
@@ -127,3 +125,19 @@ def latest_checkpoint(
             if warn:
                 print(f"cifar-dist: warning: {e}; trying an older checkpoint", file=sys.stderr)
     return None
+
+
+def _why_unreadable(e: Exception) -> str:
+    """The informative part of torch.load's error, in one line. weights_only=True failures open
+    with paragraphs of advice to load unsafely; the reason itself follows "WeightsUnpickler
+    error:" (an unknown opcode for a foreign or corrupt file, a refused Python object else)."""
+    text = " ".join(str(e).split())
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0]
+        reason = reason.split(" was not an allowed global")[0].strip()
+        if reason.startswith("Unsupported global"):
+            return f"holds a Python object weights_only=True refuses: {reason[:120]}"
+        return f"not a torch checkpoint, or a corrupt one: {reason[:120]}"
+    if "PytorchStreamReader" in text:  # the zip container itself is cut short or damaged
+        return f"truncated or corrupt: {text.split('. ')[0][:120]}"
+    return f"{type(e).__name__}: {text.split('. ')[0][:120]}" if text else type(e).__name__
