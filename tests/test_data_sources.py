@@ -236,6 +236,11 @@ def test_image_folder_round_trips_dir_and_tar_shards(tmp_path: Path) -> None:
 
 
 def test_image_folder_refuses_bad_inputs(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"^\S*nowhere: no such file or directory \(an image-f"):
+        read_image_folder(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: neither a train/<class>/ tree nor"):
+        read_image_folder(tmp_path / "empty")
     _image_tree(tmp_path, ["a", "b"], n=2)
     (tmp_path / "classes.txt").write_text("a\nb\nc\n")
     with pytest.raises(DataError, match="missing class folder train/c/"):

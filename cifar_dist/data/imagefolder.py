@@ -110,7 +110,10 @@ def _sources(source: Path) -> tuple[list[Path], bool]:
     if source.is_file():
         return [source], True
     if not source.is_dir():
-        raise DataError(f"{source}: image-folder source not found")
+        raise DataError(
+            f"{source}: no such file or directory (an image-folder source is a train/<class>/ "
+            "tree, a .tar, or a directory of .tar shards)"
+        )
     if (source / "train").is_dir():
         return [source], False
     shards = sorted(source.glob("*.tar"))
