@@ -179,6 +179,17 @@ def test_read_only_data_dir_is_one_line(
     assert not (ro / "cifar10").exists()
 
 
+def test_unwritable_log_dir_names_the_key(
+    synth_cifar10: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """log.dir below a regular file: one line naming log.dir and the OS's reason."""
+    (tmp_path / "file").write_text("")
+    assert main(_argv(tiny_overrides(synth_cifar10, tmp_path / "file" / "runs"))) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith("cifar-dist: error: log.dir: cannot write the run directory"), line
+    assert "Not a directory" in line, line
+
+
 # Imported by every rank at interpreter start-up (sitecustomize on PYTHONPATH): the disk fills
 # while rank 0 writes the step-10 checkpoint.
 FULL_DISK_SITE = """

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cifar_dist.config.load import config_to_dict, dump_config
-from cifar_dist.config.schema import Config
+from cifar_dist.config.schema import Config, ConfigError
 from cifar_dist.logging.sinks import MultiSink, Sink, build_sinks
 from cifar_dist.parallel.mesh import ParallelDims
 from cifar_dist.parallel.report import finish_report, start_report
@@ -202,8 +202,11 @@ def _run_training(
         cfg = resolve_auto_batch(cfg, info, dims)  # an int from here on (saved in config.yaml)
     run_dir = resolve_run_dir(cfg)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, run_dir / "config.yaml")
+        except OSError as e:
+            raise ConfigError(f"log.dir: cannot write the run directory {run_dir} ({e})") from None
     clear_markers(run_dir, info.rank, info.local_rank)  # a stale marker must not mean "pre-empted"
     barrier()
     backend_cls = backend_for(cfg, dims)  # the layout's backend (train/backends/)
