@@ -73,6 +73,10 @@ def run_forked(
 ) -> subprocess.CompletedProcess:
     """Run `cifar-dist ARGV` on `nproc` forked ranks; stdout holds every rank's output, rank by
     rank, prefixed `[rankN]:` as torchrun's --tee does; returncode is the first non-zero one."""
+    import torch.distributed as dist
+
+    # A child would inherit the group and skip joining its own (utils/dist.init_distributed).
+    assert not dist.is_initialized(), "a process group is live in the test process"
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         logs = [Path(tmp) / f"rank{r}.log" for r in range(nproc)]
