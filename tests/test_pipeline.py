@@ -1,4 +1,5 @@
-"""Pipeline parallelism on CPU: 2 (and 4) gloo ranks (forked, tests/forked_ranks.py) against single-process runs."""
+"""Pipeline parallelism on CPU: 2 (and 4) gloo ranks (forked, tests/forked_ranks.py) against
+single-process runs."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Recipe callbacks (whitening stem + bias freeze, EMA, Lookahead) under tensor and pipeline
 parallelism, which refused them before, and FSDP2 (which the old recipe trainer silently left
 without full-state checkpoints): 2 and 4 gloo ranks (dp x pp, dp x tp, tp x pp) against one
-process with the same options, most runs stopped mid-epoch and resumed from their checkpoints. The compile column:
-test_compile_layouts.py."""
+process with the same options, most runs stopped mid-epoch and resumed from their
+checkpoints. The compile column: test_compile_layouts.py."""
 
 from __future__ import annotations
 
